@@ -1,0 +1,5 @@
+import sys
+
+from hqpc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,183 @@
+"""Command line: ``hqpc MODEL [-O0..-O3] [--target NAME] [-o OUT] ...`` and ``hqpc rules ...``.
+
+Exit codes: 0 success; 1 a pass was rolled back and ``--strict`` was given; 2 bad input
+(one line on stderr naming the problem, no output written); 3 internal error; 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from hqpc import __version__
+from hqpc.compiler import (CompileOptions, check_output_path, compile_model, default_output_path,
+                           write_outputs)
+from hqpc.errors import HqpcError, OutputError
+
+EXIT_OK, EXIT_GUARD, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line with exit code 2."""
+
+    def error(self, message: str):
+        raise HqpcError(f"{message} (see hqpc --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hqpc", description="Compile an ONNX model for an edge target: clean-up, "
+                     "Fisher-guided pruning and mixed-precision quantization, each pass numerically guarded.")
+    parser.add_argument("model", nargs="?", help="input ONNX model (never overwritten)")
+    parser.add_argument("-O", dest="opt_level", type=int, choices=range(4), default=1, metavar="LEVEL",
+                        help="optimization level -O0..-O3 (default -O1: exact clean-up only)")
+    parser.add_argument("--target", default="cpu", help="target profile (spec/targets): cpu, orin, ... (default cpu)")
+    parser.add_argument("-o", "--output", type=Path, help="output path (default: <stem>.hqp.onnx beside the input; "
+                        "with --emit text, standard output)")
+    parser.add_argument("--data", type=Path, help="data spec TOML (calibration/evaluation images or npz)")
+    parser.add_argument("--max-drop", type=float, default=1.0, metavar="PCT",
+                        help="accuracy budget: largest allowed top-1 drop in points (default 1.0)")
+    parser.add_argument("--pipeline", help="explicit pass pipeline, e.g. 'fold-bn,eliminate-dead-code' (overrides -O)")
+    parser.add_argument("--disable-pass", action="append", default=[], metavar="NAMES",
+                        help="comma-separated passes to skip (repeatable)")
+    parser.add_argument("--pass-file", action="append", default=[], type=Path, metavar="FILE",
+                        help="load rewrite rules from a .hqp file (repeatable)")
+    parser.add_argument("--report", type=Path, help="write the JSON report here")
+    parser.add_argument("--print-ir-after", metavar="NAME|all", help="print the IR after these passes (comma-separated) to stderr")
+    parser.add_argument("--emit", choices=("onnx", "text"), default="onnx", help="output format (default onnx)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for guard inputs, sampling and search (default 0)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if any pass was rolled back")
+    parser.add_argument("--guard-batch", type=int, default=4, metavar="N", help="inputs per numeric-guard run (default 4)")
+    parser.add_argument("--list-passes", action="store_true", help="list registered passes and pipelines, then exit")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="print per-pass details and timings")
+    parser.add_argument("--version", action="version", version=f"hqpc {__version__}")
+    return parser
+
+
+def _log_to_stderr(verbosity: int):
+    def log(message: str) -> None:
+        if verbosity >= 1:
+            print(message, file=sys.stderr)
+    return log
+
+
+def _print_passes() -> None:
+    from hqpc.registry import PIPELINES, level_pipeline, passes, source_of
+
+    for name, cls in sorted(passes().items()):
+        info = cls.info
+        tol = "exact" if info.tolerance is None else f"atol={info.tolerance.atol:g} rtol={info.tolerance.rtol:g}"
+        print(f"{name:28s} -O{info.opt_level}  {tol:24s} {source_of(name)}  {info.description}")
+    for level in sorted(PIPELINES):
+        print(f"-O{level}: {','.join(level_pipeline(level)) or '(no passes)'}")
+
+
+def _summary(result, stream) -> None:
+    """A compact per-pass table on stderr."""
+    print(f"{'pass':28s} {'status':12s} {'ms':>8s} {'nodes':>11s}  guard", file=stream)
+    for r in result.records:
+        if r.skipped:
+            status = "skipped"
+        elif r.rolled_back:
+            status = "ROLLED BACK"
+        else:
+            status = "changed" if r.modified else "no change"
+        guard = r.checks.get("guard")
+        if guard and "outputs" in guard:
+            worst = max((o["max_abs"] for o in guard["outputs"]), default=0.0)
+            guard_text = f"{'ok' if guard['ok'] else 'FAIL'} (max abs err {worst:.2g})"
+        else:
+            guard_text = r.skipped or ("-" if not r.modified else "")
+        nodes = f"{r.nodes_before}->{r.nodes_after}" if r.ran else ""
+        print(f"{r.name:28s} {status:12s} {r.wall_s * 1000:8.1f} {nodes:>11s}  {guard_text}", file=stream)
+        if r.rolled_back:
+            print(f"    reason: {r.error}", file=stream)
+    s = result.report["summary"]
+    print(f"nodes {s['nodes_before']} -> {s['nodes_after']}, params {s['params_before']} -> {s['params_after']}, "
+          f"{s['wall_s']:.2f} s", file=stream)
+
+
+def _nearest_existing_folder(folder: Path) -> Path:
+    """The folder itself, or its closest existing ancestor (where missing folders will be created)."""
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"cannot write below {folder}: it is a file, not a folder")
+    return folder
+
+
+def run(argv: list[str]) -> int:
+    if argv and argv[0] == "rules":
+        from hqpc.dsl.cli import main_rules
+
+        return main_rules(argv[1:])
+    args = build_parser().parse_args(argv)
+    verbosity = 0 if args.quiet else (2 if args.verbose else 1)
+    for pass_file in args.pass_file:
+        from hqpc.dsl.cli import load_pass_file
+
+        load_pass_file(pass_file)
+    if args.list_passes:
+        _print_passes()
+        return EXIT_OK
+    if not args.model:
+        raise HqpcError("no input model given (usage: hqpc MODEL [-O0..-O3] [--target NAME] [-o OUT])")
+    model_path = Path(args.model)
+    output = args.output
+    if output is None and args.emit == "onnx":
+        output = default_output_path(model_path, args.emit)
+    for path in (output, args.report):
+        if path is not None:
+            check_output_path(path, [model_path, args.data])
+            folder = _nearest_existing_folder(path.parent.resolve())
+            if not os.access(folder, os.W_OK):
+                raise OutputError(f"cannot write {path}: {folder} is not writable")
+    if output is not None and args.report is not None and output.resolve() == args.report.resolve():
+        raise OutputError("the output model and the report are the same file")
+    disabled = tuple(name.strip() for group in args.disable_pass for name in group.split(",") if name.strip())
+    options = CompileOptions(model=model_path, opt_level=args.opt_level, target=args.target, output=output,
+                             data=args.data, max_drop=args.max_drop, pipeline=args.pipeline, disabled=disabled,
+                             report=args.report, print_ir_after=args.print_ir_after, emit=args.emit,
+                             seed=args.seed, strict=args.strict, verbosity=verbosity, guard_batch=args.guard_batch)
+    log = _log_to_stderr(verbosity)
+    result = compile_model(options, log=log)
+    write_outputs(result, options, sys.stdout)
+    if verbosity >= 1:
+        _summary(result, sys.stderr)
+        if output is not None:
+            print(f"wrote {output}", file=sys.stderr)
+    if result.rolled_back:
+        names = ", ".join(r.name for r in result.rolled_back)
+        if args.strict:
+            print(f"hqpc: error: rolled back by the guard: {names} (--strict)", file=sys.stderr)
+            return EXIT_GUARD
+        if verbosity >= 1:
+            print(f"hqpc: warning: rolled back: {names}", file=sys.stderr)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    try:
+        return run(argv)
+    except HqpcError as exc:
+        print(f"hqpc: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("hqpc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a compiler bug: one line, the traceback only with -v
+        if verbose:
+            traceback.print_exc()
+        message = " ".join(str(exc).split())[:300]
+        print(f"hqpc: internal error: {type(exc).__name__}: {message} (rerun with -v for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""hqpc compiler passes (installed as hqpc.passes)."""

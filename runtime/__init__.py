@@ -1,0 +1,1 @@
+"""hqpc runtime helpers: ONNX Runtime sessions, comparison, data (installed as hqpc.runtime)."""
