@@ -26,6 +26,19 @@ class _Parser(argparse.ArgumentParser):
         raise HqpcError(f"{message} (see hqpc --help)")
 
 
+def _size_budget(text: str) -> float | int:
+    """``0.6`` → fraction of the all-INT8 weight size; ``1500000`` → bytes."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size-budget expects a fraction in (0, 1] or a byte count, got '{text}'")
+    if 0 < value <= 1:
+        return value
+    if value > 1 and value.is_integer():
+        return int(value)
+    raise argparse.ArgumentTypeError(f"--size-budget expects a fraction in (0, 1] or a byte count, got '{text}'")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hqpc", description="Compile an ONNX model for an edge target: clean-up, "
                      "Fisher-guided pruning and mixed-precision quantization, each pass numerically guarded.")
@@ -38,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, help="data spec TOML (calibration/evaluation images or npz)")
     parser.add_argument("--max-drop", type=float, default=1.0, metavar="PCT",
                         help="accuracy budget: largest allowed top-1 drop in points (default 1.0)")
+    parser.add_argument("--size-budget", type=_size_budget, metavar="FRACTION|BYTES",
+                        help="weight-size budget: a fraction (0, 1] of the all-INT8 weight size, or a byte count")
     parser.add_argument("--pipeline", help="explicit pass pipeline, e.g. 'fold-bn,eliminate-dead-code' (overrides -O)")
     parser.add_argument("--disable-pass", action="append", default=[], metavar="NAMES",
                         help="comma-separated passes to skip (repeatable)")
@@ -141,7 +156,8 @@ def run(argv: list[str]) -> int:
     options = CompileOptions(model=model_path, opt_level=args.opt_level, target=args.target, output=output,
                              data=args.data, max_drop=args.max_drop, pipeline=args.pipeline, disabled=disabled,
                              report=args.report, print_ir_after=args.print_ir_after, emit=args.emit,
-                             seed=args.seed, strict=args.strict, verbosity=verbosity, guard_batch=args.guard_batch)
+                             seed=args.seed, strict=args.strict, verbosity=verbosity, guard_batch=args.guard_batch,
+                             extra={"size_budget": args.size_budget})
     log = _log_to_stderr(verbosity)
     result = compile_model(options, log=log)
     write_outputs(result, options, sys.stdout)

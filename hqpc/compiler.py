@@ -198,7 +198,7 @@ def write_outputs(result: CompileResult, options: CompileOptions, stdout) -> Non
             stdout.write(text)
         else:
             atomic_write_text(Path(options.output), text)
-    else:
+    elif options.output is not None:
         result.model.save(Path(options.output))
     if options.output is not None:
         path = Path(options.output)

@@ -236,12 +236,15 @@ def tensor_digest(tensor: onnx.TensorProto) -> str:
 
 def model_text(proto: onnx.ModelProto, inline_limit: int = INLINE_INITIALIZER_LIMIT) -> str:
     """Stable ONNX textual form; initializers larger than ``inline_limit`` elements are shown as
-    a declaration (type and shape) plus a trailing ``# name: sha256:XXXXXXXX`` comment line.
+    a declaration (type and shape) plus a trailing ``# name: sha256:XXXXXXXX`` comment line, and
+    annotations follow as ``# hqpc.<namespace>: <json>`` lines (sorted keys).
 
     The result parses back with ``onnx.parser`` (large initializers then come back as
     value_info declarations, which the golden-test harness seeds deterministically).
     """
     shown = copy.deepcopy(proto)
+    annotation_lines = [f"# {p.key}: {p.value}" for p in sorted(proto.metadata_props, key=lambda p: p.key)
+                        if p.key.startswith(ANNOTATION_PREFIX)]
     del shown.metadata_props[:]
     hashed: list[tuple[str, str]] = []
     small = []
@@ -262,6 +265,8 @@ def model_text(proto: onnx.ModelProto, inline_limit: int = INLINE_INITIALIZER_LI
     text = onnx.printer.to_text(shown)
     if hashed:
         text += "\n" + "\n".join(f"# {name}: sha256:{digest}" for name, digest in hashed)
+    if annotation_lines:
+        text += "\n" + "\n".join(annotation_lines)
     return text.rstrip() + "\n"
 
 

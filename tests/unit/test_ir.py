@@ -100,3 +100,14 @@ def test_dynamic_inputs_get_concrete_random_feeds():
     assert feeds["x"].shape == (5, 2) and feeds["x"].dtype == np.float32
     again = random_feeds(Model.load(old_opset_model()).proto, seed=3, batch=5)
     np.testing.assert_array_equal(feeds["x"], again["x"])
+
+
+def test_external_data_is_loaded(tmp_path):
+    proto = old_opset_model(opset=17)
+    proto.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((2, 3), np.float32), "w"))
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.data", size_threshold=0)
+    assert (tmp_path / "ext.data").exists()
+    model = Model.load(path)
+    np.testing.assert_array_equal(model.initializer_array("w"), np.ones((2, 3), np.float32))
