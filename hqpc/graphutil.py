@@ -122,9 +122,14 @@ class NameGenerator:
         return name
 
 
+def to_tensor(value: np.ndarray, name: str) -> onnx.TensorProto:
+    """TensorProto of ``value`` keeping dtype and rank (0-d stays 0-d)."""
+    return numpy_helper.from_array(np.require(np.asarray(value), requirements="C"), name)
+
+
 def set_initializer(graph: onnx.GraphProto, name: str, value: np.ndarray) -> None:
-    """Create or replace initializer ``name`` with ``value`` (dtype kept as given)."""
-    tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+    """Create or replace initializer ``name`` with ``value`` (dtype and rank kept as given)."""
+    tensor = to_tensor(value, name)
     for index, existing in enumerate(graph.initializer):
         if existing.name == name:
             graph.initializer[index].CopyFrom(tensor)
@@ -167,7 +172,7 @@ def remove_nodes(graph: onnx.GraphProto, doomed: list[onnx.NodeProto]) -> None:
 def remove_unused_initializers(graph: onnx.GraphProto) -> int:
     """Drop initializers no node or graph output reads; returns how many were dropped."""
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    used |= _subgraph_reads(graph)
+    used |= subgraph_reads(graph)
     keep = [t for t in graph.initializer if t.name in used]
     dropped = len(graph.initializer) - len(keep)
     if dropped:
@@ -176,7 +181,7 @@ def remove_unused_initializers(graph: onnx.GraphProto) -> int:
     return dropped
 
 
-def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+def subgraph_reads(graph: onnx.GraphProto) -> set[str]:
     """Names read by nodes inside If/Loop/Scan bodies (outer-scope references)."""
     names: set[str] = set()
     for node in graph.node:
@@ -184,7 +189,7 @@ def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
             subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
             for sub in subgraphs:
                 names.update(n for inner in sub.node for n in inner.input)
-                names |= _subgraph_reads(sub)
+                names |= subgraph_reads(sub)
     return names
 
 
