@@ -101,7 +101,9 @@ def _summary(result, stream) -> None:
         else:
             status = "changed" if r.modified else "no change"
         guard = r.checks.get("guard")
-        if guard and "outputs" in guard:
+        if guard and guard.get("status") == "skipped":
+            guard_text = "-"
+        elif guard and "outputs" in guard:
             worst = max((o["max_abs"] for o in guard["outputs"]), default=0.0)
             guard_text = f"{'ok' if guard['ok'] else 'FAIL'} (max abs err {worst:.2g})"
         else:

@@ -267,10 +267,11 @@ class NumericGuard(Instrument):
             raise
         except Exception as exc:
             message = " ".join(str(exc).split())[:300]
-            record.checks["guard"] = {"ok": False, "error": f"onnxruntime: {message}", "tolerance": tol.as_dict()}
+            record.checks["guard"] = {"status": "failed", "ok": False, "error": f"onnxruntime: {message}",
+                                      "tolerance": tol.as_dict()}
             return f"numeric guard could not run the models: {message}"
         result: Comparison = compare_outputs(expected, got, tol)
-        record.checks["guard"] = result.as_dict()
+        record.checks["guard"] = {"status": "passed" if result.ok else "failed", **result.as_dict()}
         return None if result.ok else f"numeric guard: {result.summary()}"
 
 
@@ -321,7 +322,10 @@ class PassManager:
         if p.info.analysis and model.proto.graph.SerializeToString() != before.proto.graph.SerializeToString():
             record.error = "analysis pass changed the graph"
             return self._rollback(p, model, before, record)
-        if record.modified and not p.info.analysis:
+        if not record.modified or p.info.analysis:
+            record.checks["guard"] = {"status": "skipped",
+                                      "reason": "analysis pass" if p.info.analysis else "model unchanged"}
+        else:
             for inst in ctx.instruments:
                 problem = inst.check(p, before, model, ctx, record)
                 if problem:

@@ -81,9 +81,14 @@ def get_pass(name: str) -> type[Pass]:
 
 
 def level_pipeline(level: int) -> list[str]:
-    """Registered pass names of the -O``level`` pipeline, in order."""
+    """Registered pass names of the -O``level`` pipeline, in order (a pass that would directly
+    repeat itself because the passes between were left out runs once)."""
     _discover()
-    return [name for name in PIPELINES[level] if name in _PASSES]
+    names: list[str] = []
+    for name in PIPELINES[level]:
+        if name in _PASSES and (not names or names[-1] != name):
+            names.append(name)
+    return names
 
 
 def missing_passes(level: int) -> list[str]:
