@@ -17,6 +17,8 @@ from hqpc.compiler import (CompileOptions, check_output_path, compile_model, def
 from hqpc.errors import HqpcError, OutputError
 
 EXIT_OK, EXIT_GUARD, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+# characters str.splitlines() breaks on, shown escaped so that an error stays one line
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,6 +41,28 @@ def _size_budget(text: str) -> float | int:
     raise argparse.ArgumentTypeError(f"--size-budget expects a fraction in (0, 1] or a byte count, got '{text}'")
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got '{text}'")
+    return value
+
+
+def _int_at_least(minimum: int):
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got '{text}'")
+        return value
+    return convert
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hqpc", description="Compile an ONNX model for an edge target: clean-up, "
                      "Fisher-guided pruning and mixed-precision quantization, each pass numerically guarded.")
@@ -49,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", type=Path, help="output path (default: <stem>.hqp.onnx beside the input; "
                         "with --emit text, standard output)")
     parser.add_argument("--data", type=Path, help="data spec TOML (calibration/evaluation images or npz)")
-    parser.add_argument("--max-drop", type=float, default=1.0, metavar="PCT",
+    parser.add_argument("--max-drop", type=_non_negative_float, default=1.0, metavar="PCT",
                         help="accuracy budget: largest allowed top-1 drop in points (default 1.0)")
     parser.add_argument("--size-budget", type=_size_budget, metavar="FRACTION|BYTES",
                         help="weight-size budget: a fraction (0, 1] of the all-INT8 weight size, or a byte count")
@@ -60,10 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="load rewrite rules from a .hqp file (repeatable)")
     parser.add_argument("--report", type=Path, help="write the JSON report here")
     parser.add_argument("--print-ir-after", metavar="NAME|all", help="print the IR after these passes (comma-separated) to stderr")
-    parser.add_argument("--emit", choices=("onnx", "text"), default="onnx", help="output format (default onnx)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for guard inputs, sampling and search (default 0)")
+    parser.add_argument("--emit", choices=("onnx", "text", "plan"), default="onnx",
+                        help="output: onnx (default), text (ONNX textual syntax), plan (also build a TensorRT "
+                        "engine: rtx builds here with TensorRT-RTX; orin/xavier/t4 need TensorRT on the device)")
+    parser.add_argument("--dla-core", type=int, metavar="N", help="TensorRT targets with DLAs (orin): run on DLA core N "
+                        "with GPU fallback (in build_plan.sh and plans)")
+    parser.add_argument("--trt-check", choices=("fail", "warn", "require"), default="fail",
+                        help="verify-trt: fail (roll back on a TensorRT-RTX finding; skipped when it is not installed), "
+                        "warn (report only), require (fail when TensorRT-RTX is not installed)")
+    parser.add_argument("--seed", type=_int_at_least(0), default=0, help="seed for guard inputs, sampling and search (default 0)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any pass was rolled back")
-    parser.add_argument("--guard-batch", type=int, default=4, metavar="N", help="inputs per numeric-guard run (default 4)")
+    parser.add_argument("--guard-batch", type=_int_at_least(1), default=4, metavar="N", help="inputs per numeric-guard run (default 4)")
     parser.add_argument("--list-passes", action="store_true", help="list registered passes and pipelines, then exit")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
@@ -155,14 +186,23 @@ def run(argv: list[str]) -> int:
     if output is not None and args.report is not None and output.resolve() == args.report.resolve():
         raise OutputError("the output model and the report are the same file")
     disabled = tuple(name.strip() for group in args.disable_pass for name in group.split(",") if name.strip())
+    if args.print_ir_after and args.print_ir_after != "all":
+        from hqpc.registry import get_pass
+
+        for name in args.print_ir_after.split(","):
+            try:
+                get_pass(name)
+            except HqpcError as exc:
+                raise HqpcError(f"--print-ir-after: {exc}") from None
     options = CompileOptions(model=model_path, opt_level=args.opt_level, target=args.target, output=output,
                              data=args.data, max_drop=args.max_drop, pipeline=args.pipeline, disabled=disabled,
                              report=args.report, print_ir_after=args.print_ir_after, emit=args.emit,
                              seed=args.seed, strict=args.strict, verbosity=verbosity, guard_batch=args.guard_batch,
-                             extra={"size_budget": args.size_budget})
+                             extra={"size_budget": args.size_budget, "dla_core": args.dla_core,
+                                    "trt_check": args.trt_check})
     log = _log_to_stderr(verbosity)
     result = compile_model(options, log=log)
-    write_outputs(result, options, sys.stdout)
+    write_outputs(result, options, sys.stdout, log=log)
     if verbosity >= 1:
         _summary(result, sys.stderr)
         if output is not None:
@@ -182,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     verbose = "-v" in argv or "--verbose" in argv
     try:
         return run(argv)
-    except HqpcError as exc:
-        print(f"hqpc: error: {exc}", file=sys.stderr)
+    except HqpcError as exc:  # one line, even when a name in the message holds a line break
+        message = str(exc).strip().translate(_LINE_BREAKS)
+        print(f"hqpc: error: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("hqpc: interrupted", file=sys.stderr)

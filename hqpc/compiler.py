@@ -21,6 +21,7 @@ from hqpc.passmanager import (NumericGuard, Pass, PassContext, PassManager, Pass
 from hqpc.registry import get_pass, level_pipeline, missing_passes, parse_pipeline, passes
 from hqpc.report import build_report, file_digest, write_report
 from hqpc.runtime import ort as ort_rt
+from hqpc.runtime.tensorrt import preflight_target_artifacts, write_target_artifacts
 from hqpc.target import load_target
 
 
@@ -51,6 +52,7 @@ class CompileResult:
     pipeline: str
     report: dict[str, Any]
     output_path: Path | None = None
+    model_target: Any = None  # the hqpc.target.Target compiled for
 
     @property
     def rolled_back(self) -> list[PassRecord]:
@@ -129,6 +131,7 @@ def compile_model(options: CompileOptions, log: Callable[[str], None] = lambda m
     if options.opt_level not in (0, 1, 2, 3):
         raise PipelineError(f"optimization level must be 0..3, got {options.opt_level}")
     target = load_target(options.target)
+    preflight_target_artifacts(target, options)
     disabled = _validate_disabled(tuple(options.disabled))
     pass_list, missing = build_passes(options)
     pass_list = _add_requirements(pass_list)
@@ -163,7 +166,8 @@ def compile_model(options: CompileOptions, log: Callable[[str], None] = lambda m
                           opt_level=options.opt_level, pipeline=pipeline_text, seed=options.seed,
                           guard_inputs=guard_inputs, missing=missing, records=manager.records,
                           summary=summary, annotations=model.annotations)
-    return CompileResult(model=model, records=manager.records, pipeline=pipeline_text, report=report)
+    return CompileResult(model=model, records=manager.records, pipeline=pipeline_text, report=report,
+                         model_target=target)
 
 
 def _input_info(model) -> dict:
@@ -174,7 +178,7 @@ def _input_info(model) -> dict:
 
 
 def default_output_path(model_path: Path, emit: str) -> Path:
-    suffix = ".hqp.onnx" if emit == "onnx" else ".hqp.txt"
+    suffix = ".hqp.txt" if emit == "text" else ".hqp.onnx"
     name = model_path.name[:-5] if model_path.name.endswith(".onnx") else model_path.name
     return model_path.with_name(name + suffix)
 
@@ -190,8 +194,10 @@ def check_output_path(output: Path, inputs: list[Path]) -> None:
         raise OutputError(f"output {output} is a folder")
 
 
-def write_outputs(result: CompileResult, options: CompileOptions, stdout) -> None:
-    """Write the model (or its text) and the report atomically."""
+def write_outputs(result: CompileResult, options: CompileOptions, stdout,
+                  log: Callable[[str], None] = lambda m: None) -> None:
+    """Write the model (or its text), the target's artifacts (build_plan.sh, engine) and the
+    report, each atomically."""
     if options.emit == "text":
         text = result.model.text()
         if options.output is None:
@@ -204,5 +210,7 @@ def write_outputs(result: CompileResult, options: CompileOptions, stdout) -> Non
         path = Path(options.output)
         result.report["output"] = {"path": str(path), "bytes": path.stat().st_size}
         result.output_path = path
+        if options.emit != "text":
+            write_target_artifacts(result, path, result.model_target, options, log=log)
     if options.report is not None:
         write_report(Path(options.report), result.report)

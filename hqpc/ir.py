@@ -156,7 +156,12 @@ def _read_model_file(path: Path) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: not an ONNX model (protobuf parse failed: {_one_line(exc)})") from None
     if not proto.HasField("graph") or len(proto.graph.node) == 0:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes; truncated or not ONNX)")
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+    bad = _invalid_utf8_field(proto)
+    if bad:
+        raise ModelLoadError(f"{path}: not a valid ONNX model: string field {bad} is not valid UTF-8")
+    external = [(what, t) for what, t in _all_tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        _check_external_locations(external, path)  # before anything reads external data
         try:
             onnx.load_external_data_for_model(proto, str(path.parent))
         except Exception as exc:
@@ -166,11 +171,17 @@ def _read_model_file(path: Path) -> onnx.ModelProto:
 
 def normalize(proto: onnx.ModelProto, opset: int, where: str) -> onnx.ModelProto:
     """Check, drop initializer inputs, upgrade opset, fix IR version, name nodes, infer shapes."""
+    check_graph_structure(proto.graph, where)
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise ModelLoadError(f"{where}: invalid ONNX model: {_one_line(exc)}") from None
+    _check_domains(proto, where)
+    _check_weights(proto.graph, where)
+    _check_interface(proto.graph, where)
     _drop_initializer_inputs(proto)
+    # IR < 4 requires initializers to be graph inputs (the version converter enforces it)
+    proto.ir_version = min(max(proto.ir_version, MIN_IR_VERSION), MAX_IR_VERSION)
     current = default_opset(proto)
     if current == 0:
         raise ModelLoadError(f"{where}: model imports no default-domain opset")
@@ -182,6 +193,172 @@ def normalize(proto: onnx.ModelProto, opset: int, where: str) -> onnx.ModelProto
     proto.ir_version = min(max(proto.ir_version, MIN_IR_VERSION), MAX_IR_VERSION)
     make_node_names_unique(proto.graph)
     return infer_shapes(proto, where=where)
+
+
+# --------------------------------------------------------------------------- input checks
+# Domains whose ops ONNX Runtime implements; a node of any other domain (not a model-local
+# function) cannot be run by the numeric guard, so the model is refused.
+KNOWN_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training", "com.microsoft", "com.microsoft.nchwc",
+                 "com.ms.internal.nhwc")
+# Ops whose constant inputs are weights: an Inf there makes every result meaningless.
+_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization",
+                         "LayerNormalization", "LSTM", "GRU", "RNN"})
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
+
+
+def _node_label(node: onnx.NodeProto, index: int) -> str:
+    return f"node '{node.name or f'#{index}'}' ({node.op_type})"
+
+
+def _all_tensors(graph: onnx.GraphProto, prefix: str = ""):
+    """(description, TensorProto) of every initializer and tensor attribute, subgraphs included."""
+    for t in graph.initializer:
+        yield f"{prefix}initializer '{t.name}'", t
+    for node in graph.node:
+        for attr in node.attribute:
+            where = f"{prefix}attribute '{attr.name}' of node '{node.name}'"
+            if attr.HasField("t"):
+                yield where, attr.t
+            yield from ((where, t) for t in attr.tensors)
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_tensors(sub, prefix=f"{prefix}subgraph of node '{node.name}': ")
+
+
+def _check_external_locations(tensors, path: Path) -> None:
+    """Every external-data location must resolve (symlinks followed) inside the model's folder."""
+    folder = os.path.realpath(path.parent)
+    for what, tensor in tensors:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = os.path.realpath(os.path.join(folder, location))
+        if not location or os.path.isabs(location) or os.path.commonpath([folder, target]) != folder \
+                or target == folder:
+            raise ModelLoadError(f"{path}: {what}: external data location {location!r} is not a file inside the "
+                                 f"model's folder {folder}; refusing to read it")
+
+
+def _invalid_utf8_field(message, path: str = "model") -> str | None:
+    """Path of the first string field holding invalid UTF-8 (protobuf parses it; using it fails)."""
+    for field, value in message.ListFields():
+        if field.type not in (field.TYPE_STRING, field.TYPE_MESSAGE):
+            continue
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        for index, item in enumerate(value if repeated else [value]):
+            where = f"{path}.{field.name}" + (f"[{index}]" if repeated else "")
+            if field.type == field.TYPE_STRING:
+                if isinstance(item, bytes):
+                    return where
+            else:
+                found = _invalid_utf8_field(item, where)
+                if found:
+                    return found
+    return None
+
+
+def check_graph_structure(graph: onnx.GraphProto, where: str) -> None:
+    """Duplicate tensor names, inputs nobody produces and cycles, as errors naming the nodes and
+    tensors; an acyclic graph whose nodes are merely out of order is sorted topologically."""
+    producer: dict[str, str] = {}
+    producer_node: dict[str, int] = {}
+
+    def define(name: str, what: str) -> None:
+        if name in producer:
+            twice = f"{what} is defined twice" if producer[name] == what else f"produced by {producer[name]} and by {what}"
+            raise ModelLoadError(f"{where}: invalid ONNX model: duplicate tensor name '{name}': {twice}")
+        producer[name] = what
+
+    for t in graph.initializer:
+        define(t.name, f"initializer '{t.name}'")
+    initializers = set(producer)
+    for value in graph.input:
+        if value.name not in initializers:
+            define(value.name, f"graph input '{value.name}'")
+    for index, node in enumerate(graph.node):
+        for name in node.output:
+            if name:
+                define(name, _node_label(node, index))
+                producer_node[name] = index
+    in_order = True
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            if name and name not in producer:
+                raise ModelLoadError(f"{where}: invalid ONNX model: {_node_label(node, index)} reads tensor '{name}', which no node, "
+                                     "graph input or initializer produces")
+            if name in producer_node and producer_node[name] >= index:
+                in_order = False
+    if in_order:
+        return
+    nodes = list(graph.node)
+    preds = [{producer_node[n] for n in node.input if n in producer_node} for node in nodes]
+    succs: list[list[int]] = [[] for _ in nodes]
+    for index, p in enumerate(preds):
+        for q in p:
+            succs[q].append(index)
+    import heapq
+
+    pending = [len(p) for p in preds]
+    ready = [i for i, count in enumerate(pending) if count == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for j in succs[i]:
+            pending[j] -= 1
+            if pending[j] == 0:
+                heapq.heappush(ready, j)
+    if len(order) < len(nodes):
+        left = {i for i, count in enumerate(pending) if count > 0}
+        path, seen, i = [], {}, min(left)
+        while i not in seen:  # walk predecessors inside the unsorted rest until a node repeats
+            seen[i] = len(path)
+            path.append(i)
+            i = min(q for q in preds[i] if q in left)
+        cycle = path[seen[i]:][::-1]
+        names = " -> ".join(_node_label(nodes[k], k) for k in cycle + cycle[:1])
+        raise ModelLoadError(f"{where}: invalid ONNX model: graph has a cycle: {names}")
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
+
+
+def _check_domains(proto: onnx.ModelProto, where: str) -> None:
+    local = {f.domain for f in proto.functions}
+    for index, node in enumerate(proto.graph.node):
+        if node.domain not in KNOWN_DOMAINS and node.domain not in local:
+            raise ModelLoadError(f"{where}: {_node_label(node, index)} uses unknown op domain '{node.domain}' "
+                                 f"(ONNX Runtime runs {', '.join(d for d in KNOWN_DOMAINS if d)})")
+
+
+def _check_interface(graph: onnx.GraphProto, where: str) -> None:
+    """Graph inputs and outputs must be tensors of a known element type (the guard feeds and
+    compares tensors only)."""
+    initializers = {t.name for t in graph.initializer}
+    for kind, values in (("input", [v for v in graph.input if v.name not in initializers]), ("output", graph.output)):
+        for value in values:
+            which = value.type.WhichOneof("value")
+            if which != "tensor_type" or not value.type.tensor_type.elem_type:
+                what = "a tensor of unknown element type" if which == "tensor_type" else (which or "untyped")
+                raise ModelLoadError(f"{where}: graph {kind} '{value.name}' is not a tensor ({what.replace('_type', '')});"
+                                     " hqpc compiles models whose inputs and outputs are tensors")
+
+
+def _check_weights(graph: onnx.GraphProto, where: str) -> None:
+    """NaN in any float constant, or Inf in the weights of Conv/Gemm/MatMul/normalization, is an error
+    naming the tensor (Inf elsewhere is legal: masks, clip bounds)."""
+    weight_inputs = {name for node in graph.node if node.op_type in _WEIGHT_OPS for name in node.input}
+    for what, tensor in _all_tensors(graph):
+        if tensor.data_type not in _FLOAT_TYPES or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        try:
+            values = numpy_helper.to_array(tensor)
+        except Exception as exc:
+            raise ModelLoadError(f"{where}: {what}: unreadable tensor data ({_one_line(exc)})") from None
+        nan = int(np.count_nonzero(np.isnan(values)))
+        if nan:
+            raise ModelLoadError(f"{where}: {what} holds {nan} NaN value(s) of {values.size}; "
+                                 "a model with NaN weights cannot be compiled meaningfully")
+        if what.startswith("initializer") and tensor.name in weight_inputs and not np.isfinite(values).all():
+            raise ModelLoadError(f"{where}: {what} holds Inf values in the weights of a Conv/Gemm/MatMul/"
+                                 "normalization node; the model cannot be compiled meaningfully")
 
 
 def infer_shapes(proto: onnx.ModelProto, where: str = "<model>", strict: bool = False) -> onnx.ModelProto:

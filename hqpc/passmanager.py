@@ -315,7 +315,8 @@ class PassManager:
             record.wall_s = time.perf_counter() - start
             record.ran = True
             record.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            self._dump_reproducer(p, before, traceback.format_exc())
+            if not getattr(exc, "is_finding", False):  # a check's finding is a result, not a crash
+                self._dump_reproducer(p, before, traceback.format_exc())
             return self._rollback(p, model, before, record)
         record.wall_s = time.perf_counter() - start
         record.ran = True

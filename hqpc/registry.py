@@ -28,9 +28,9 @@ CLEANUP = ["fold-constants", "eliminate-identity", "fold-bn", "fold-conv-affine"
 PIPELINES: dict[int, list[str]] = {
     0: [],
     1: CLEANUP,
-    2: CLEANUP + ["calibrate", "assign-precision", "insert-qdq", "eliminate-dead-code"],
+    2: CLEANUP + ["calibrate", "assign-precision", "insert-qdq", "eliminate-dead-code", "verify-trt"],
     3: CLEANUP + ["annotate-sensitivity", "prune", "reconstruct", "calibrate", "assign-precision",
-                  "insert-qdq", "eliminate-dead-code"],
+                  "insert-qdq", "eliminate-dead-code", "verify-trt"],
 }
 
 
