@@ -737,17 +737,13 @@ def classify_build_error(messages: list[str], model: onnx.ModelProto) -> list[Pr
 # =========================================================================== TensorRT-RTX
 def check_capability(target) -> tuple[str, str]:
     """Compute capability to check a target at with TensorRT-RTX, and a note when it differs from
-    the device's own. ``rtx`` targets use their own; ``tensorrt`` targets use
-    ``check_compute_capability`` (8.6 for Orin, whose 8.7 TensorRT-RTX lacks), moved up to 8.6
-    when it is below 8.0 (TensorRT-RTX 1.7 builds no INT8 convolution or FP32 GEMM for SM75)."""
+    the device's own. The profile's ``check_compute_capability`` says which (8.6 stands in for
+    Orin's 8.7, which TensorRT-RTX lacks, and for 7.x devices, for which TensorRT-RTX 1.7 builds
+    no INT8 convolution); without it, the device's own capability is used."""
     own = str(target.get("compute_capability", "") or "")
     cc = str(target.get("check_compute_capability", "") or own or STAND_IN_CAPABILITY)
     note = ""
-    if getattr(target, "backend", "") == "tensorrt" and float(cc) < 8.0:
-        note = (f"{target.name} is sm_{own.replace('.', '')}; TensorRT-RTX 1.7 builds no INT8 convolution "
-                f"for SM{cc.replace('.', '')}, so {STAND_IN_CAPABILITY} stands in")
-        cc = STAND_IN_CAPABILITY
-    elif cc != own and own:
+    if own and cc != own:
         note = f"{target.name} is sm_{own.replace('.', '')}; TensorRT-RTX checks at {cc} (nearest it supports)"
     return cc, note
 
