@@ -146,7 +146,7 @@ def compile_model(options: CompileOptions, log: Callable[[str], None] = lambda m
         instruments.append(PrintIRAfter(names))
     ctx = PassContext(opt_level=options.opt_level, target=target, data=data_spec, seed=options.seed,
                       disabled=disabled, instruments=instruments, log=log, guard_batch=options.guard_batch,
-                      config={"max_drop": options.max_drop, **options.extra})
+                      config={"max_drop": options.max_drop, "verbosity": options.verbosity, **options.extra})
     if missing:
         log(f"note: -O{options.opt_level} passes not available in this build: {', '.join(missing)}")
     nodes_before, params_before = model.node_count(), model.param_count()
