@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="accuracy budget: largest allowed top-1 drop in points (default 1.0)")
     parser.add_argument("--size-budget", type=_size_budget, metavar="FRACTION|BYTES",
                         help="weight-size budget: a fraction (0, 1] of the all-INT8 weight size, or a byte count")
-    parser.add_argument("--pipeline", help="explicit pass pipeline, e.g. 'fold-bn,eliminate-dead-code' (overrides -O)")
+    parser.add_argument("--pipeline", help="explicit pass pipeline, e.g. 'fold-bn-into-conv,eliminate-dead-code' (overrides -O)")
     parser.add_argument("--disable-pass", action="append", default=[], metavar="NAMES",
                         help="comma-separated passes to skip (repeatable)")
     parser.add_argument("--pass-file", action="append", default=[], type=Path, metavar="FILE",

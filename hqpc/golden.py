@@ -2,7 +2,7 @@
 
 A case file holds comment lines and the model text::
 
-    # RUN: hqpc %s --pipeline=fold-bn --emit=text
+    # RUN: hqpc %s --pipeline=fold-bn-into-conv --emit=text
     # CHECK: out = Conv
     # CHECK-NOT: BatchNormalization
     <ir_version: 8, opset_import: ["" : 17]>

@@ -262,7 +262,8 @@ def check_graph_structure(graph: onnx.GraphProto, where: str) -> None:
 
     def define(name: str, what: str) -> None:
         if name in producer:
-            twice = f"{what} is defined twice" if producer[name] == what else f"produced by {producer[name]} and by {what}"
+            twice = (f"{what} is defined twice" if producer[name] == what
+                     else f"produced by {producer[name]} and by {what}")
             raise ModelLoadError(f"{where}: invalid ONNX model: duplicate tensor name '{name}': {twice}")
         producer[name] = what
 
@@ -281,8 +282,8 @@ def check_graph_structure(graph: onnx.GraphProto, where: str) -> None:
     for index, node in enumerate(graph.node):
         for name in node.input:
             if name and name not in producer:
-                raise ModelLoadError(f"{where}: invalid ONNX model: {_node_label(node, index)} reads tensor '{name}', which no node, "
-                                     "graph input or initializer produces")
+                raise ModelLoadError(f"{where}: invalid ONNX model: {_node_label(node, index)} reads tensor '{name}', "
+                                     "which no node, graph input or initializer produces")
             if name in producer_node and producer_node[name] >= index:
                 in_order = False
     if in_order:
@@ -337,14 +338,17 @@ def _check_interface(graph: onnx.GraphProto, where: str) -> None:
             which = value.type.WhichOneof("value")
             if which != "tensor_type" or not value.type.tensor_type.elem_type:
                 what = "a tensor of unknown element type" if which == "tensor_type" else (which or "untyped")
-                raise ModelLoadError(f"{where}: graph {kind} '{value.name}' is not a tensor ({what.replace('_type', '')});"
-                                     " hqpc compiles models whose inputs and outputs are tensors")
+                raise ModelLoadError(f"{where}: graph {kind} '{value.name}' is not a tensor "
+                                     f"({what.replace('_type', '')}); hqpc compiles models whose inputs and outputs "
+                                     "are tensors")
 
 
 def _check_weights(graph: onnx.GraphProto, where: str) -> None:
     """NaN in any float constant, or Inf in the weights of Conv/Gemm/MatMul/normalization, is an error
     naming the tensor (Inf elsewhere is legal: masks, clip bounds)."""
     weight_inputs = {name for node in graph.node if node.op_type in _WEIGHT_OPS for name in node.input}
+    variances = {node.input[4]: next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+                 for node in graph.node if node.op_type == "BatchNormalization" and len(node.input) > 4}
     for what, tensor in _all_tensors(graph):
         if tensor.data_type not in _FLOAT_TYPES or tensor.data_location == onnx.TensorProto.EXTERNAL:
             continue
@@ -359,6 +363,10 @@ def _check_weights(graph: onnx.GraphProto, where: str) -> None:
         if what.startswith("initializer") and tensor.name in weight_inputs and not np.isfinite(values).all():
             raise ModelLoadError(f"{where}: {what} holds Inf values in the weights of a Conv/Gemm/MatMul/"
                                  "normalization node; the model cannot be compiled meaningfully")
+        if (what.startswith("initializer") and tensor.name in variances
+                and np.any(values + variances[tensor.name] < 0)):
+            raise ModelLoadError(f"{where}: {what} is the variance of a BatchNormalization node and holds values "
+                                 f"below -epsilon ({float(values.min()):g}); the node would compute NaN")
 
 
 def infer_shapes(proto: onnx.ModelProto, where: str = "<model>", strict: bool = False) -> onnx.ModelProto:

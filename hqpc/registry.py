@@ -24,7 +24,26 @@ _DISCOVERED = False
 
 # Named pipelines per opt level. A name that no module registers (a pass of a feature this
 # build lacks) is left out of the pipeline and reported by `missing_passes`.
-CLEANUP = ["fold-constants", "eliminate-identity", "fold-bn", "fold-conv-affine", "eliminate-dead-code"]
+# -O1 clean-up (all exact). Rewrites the rule language expresses are rules (spec/rules/*.hqp,
+# registered by hqpc.passes.dsl_rules); constant folding, the shape-aware no-op removal and
+# dead-code elimination are Python passes. No-ops go before the folds so that a Conv and the
+# Mul/Add/BatchNormalization after it become neighbours.
+CLEANUP = [
+    "fold-constants",
+    # eliminate.hqp, then the no-op Reshape/Cast/Transpose/Pad/Slice/Concat pass
+    "eliminate-identity-op", "eliminate-dropout", "eliminate-neutral-mul", "eliminate-neutral-add",
+    "eliminate-noop-ops",
+    # batchnorm.hqp
+    "fold-bn-into-conv", "fold-bn-into-convtranspose", "fold-bn-into-gemm",
+    # conv_affine.hqp: per host, Mul, Div, Add, Sub (a chain in that order folds completely)
+    "fold-mul-into-conv", "fold-div-into-conv", "fold-add-into-conv", "fold-sub-into-conv",
+    "fold-mul-into-convtranspose", "fold-div-into-convtranspose", "fold-add-into-convtranspose",
+    "fold-sub-into-convtranspose",
+    "fold-mul-into-gemm", "fold-div-into-gemm", "fold-add-into-gemm", "fold-sub-into-gemm",
+    # activations.hqp
+    "fuse-relu-clip", "merge-clips", "eliminate-relu-after-clip", "eliminate-double-relu", "clip-to-relu",
+    "eliminate-dead-code",
+]
 PIPELINES: dict[int, list[str]] = {
     0: [],
     1: CLEANUP,

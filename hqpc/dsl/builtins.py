@@ -168,16 +168,22 @@ def _absmax(x, per_axis=None):
     return a.max(axis=others) if others else a
 
 
-def _bcast(x, like=None, axis=0):
-    """Reshape a vector to broadcast along ``axis`` of a tensor of ``like``'s rank."""
+def _bcast(x, like=None, axis=0, group=1):
+    """Reshape a vector to broadcast along ``axis`` of a tensor of ``like``'s rank.
+
+    With ``group=g`` > 1, ``x`` holds ``g * shape(like)[axis]`` values and ``like``'s axis 0 is
+    split into ``g`` equal blocks: block ``i`` of axis 0 takes the ``i``-th slice of ``x`` along
+    ``axis`` (the grouped ConvTranspose weight layout ``[C_in, C_out / group, k...]``)."""
     v = _arr(x, "bcast: x")
     if like is None:
         raise EvalError("bcast: 'like' is required (a tensor whose rank to broadcast to)")
+    dims = None
     if isinstance(like, ValueRef) and like.array is not None and like.array.ndim == 0 \
             and np.issubdtype(like.array.dtype, np.integer):
         rank = int(like.array)  # a rank given as a number
     elif isinstance(like, (TensorRef, ValueRef)):
-        rank = len(_need_shape(like, "bcast"))
+        dims = _need_shape(like, "bcast")
+        rank = len(dims)
     else:
         rank = int(np.asarray(like))
     axis = int(axis)
@@ -186,9 +192,20 @@ def _bcast(x, like=None, axis=0):
     if not 0 <= axis < rank:
         raise EvalError(f"bcast: axis {axis} out of range for rank {rank}")
     flat = v.reshape(-1)
+    group = int(group)
+    if group == 1:
+        shape = [1] * rank
+        shape[axis] = flat.size
+        return flat.reshape(shape)
+    if dims is None or axis == 0 or not all(isinstance(dims[i], int) for i in (0, axis)) \
+            or group < 1 or dims[0] % group or flat.size != group * dims[axis]:
+        raise EvalError(f"bcast: group={group} needs a tensor 'like' with static axes 0 and {axis}, axis 0 "
+                        f"divisible by the group and x of group * shape(like)[{axis}] values "
+                        f"(got {flat.size} values, like {dims})")
+    blocks = np.repeat(flat.reshape(group, dims[axis]), dims[0] // group, axis=0)  # [dims[0], dims[axis]]
     shape = [1] * rank
-    shape[axis] = flat.size
-    return flat.reshape(shape)
+    shape[0], shape[axis] = dims[0], dims[axis]
+    return blocks.reshape(shape)
 
 
 def _reshape(x, shape):
@@ -503,8 +520,9 @@ _LIST = [
        doc="numpy.allclose"),
     # shapes
     _b("reshape", [V("x"), V("shape")], _reshape, doc="reshape (one -1 allowed)"),
-    _b("bcast", [V("x"), R("like"), V("axis", 0)], _bcast,
-       doc="reshape vector x to broadcast along `axis` of a tensor with like's rank (like: tensor or rank)"),
+    _b("bcast", [V("x"), R("like"), V("axis", 0), V("group", 1)], _bcast,
+       doc="reshape vector x to broadcast along `axis` of a tensor with like's rank (like: tensor or rank); "
+           "group=g: like's axis 0 is split into g blocks, block i takes the i-th slice of x"),
     _b("broadcast_to", [V("x"), V("shape")], _broadcast_to, doc="numpy.broadcast_to (copied)"),
     _b("expand_dims", [V("x"), V("axis")], _expand_dims, doc="insert size-1 axes"),
     _b("squeeze", [V("x"), V("axis", None)], _squeeze, doc="remove size-1 axes"),

@@ -58,6 +58,21 @@ def test_shape_builtins():
     assert ev("broadcast_to(v, [2, 4])", v=v).shape == (2, 4)
 
 
+def test_bcast_group_follows_the_grouped_convtranspose_layout():
+    w = np.zeros((4, 3, 2, 2), np.float32)  # ConvTranspose [C_in, C_out / group, k, k], group 2: 6 outputs
+    s = np.arange(6, dtype=np.float32)
+    f = ev("bcast(s, like=w, axis=1, group=2)", s=s, w=w)
+    assert f.shape == (4, 3, 1, 1)
+    expected = [[s[(i // 2) * 3 + j] for j in range(3)] for i in range(4)]
+    np.testing.assert_array_equal(f[:, :, 0, 0], expected)
+    np.testing.assert_array_equal(ev("bcast(s, like=w, axis=1, group=1)", s=s[:3], w=w),
+                                  ev("bcast(s, like=w, axis=1)", s=s[:3], w=w))
+    for text in ("bcast(s, like=w, axis=1, group=3)", "bcast(s, like=w, axis=1, group=4)",
+                 "bcast(s, like=w, axis=0, group=2)", "bcast(s, like=4, axis=1, group=2)"):
+        with pytest.raises(EvalError):
+            ev(text, s=s, w=w)
+
+
 def test_casts_and_constructors():
     assert ev("cast([1.6, -300, 300], int8)").tolist() == [2, -128, 127]
     assert ev("zeros([2], int64)").dtype == np.int64 and ev("ones([3]).dtype") if False else True

@@ -1,11 +1,16 @@
-"""eliminate-identity: remove nodes that provably return their first input unchanged."""
+"""eliminate-noop-ops: remove shape and type ops that provably return their input unchanged.
+
+Identity and inference Dropout are removed by the rules ``eliminate-identity-op`` and
+``eliminate-dropout`` (spec/rules/eliminate.hqp); this pass covers the no-ops whose proof needs
+shape inference or reads several constant inputs.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from hqpc.graphutil import GraphIndex, attributes
 from hqpc.passmanager import Pass, PassInfo
-from hqpc.passes._rewrite import ShapeTable, bypass, constant, extra_outputs_unused, is_op, outer_reads
+from hqpc.passes._rewrite import ShapeTable, bypass, constant, is_op, outer_reads
 from hqpc.registry import register_pass
 
 # An end index at least this large selects "to the end" of an axis of unknown length (exporters
@@ -14,12 +19,10 @@ _TO_END = 2 ** 31 - 1
 
 
 @register_pass
-class EliminateIdentity(Pass):
+class EliminateNoopOps(Pass):
     """Remove nodes whose output equals their first input (value, type and shape):
 
-    * ``Identity``; a single-input ``Concat``;
-    * ``Dropout`` in inference mode (``training_mode`` absent or a constant false) whose mask
-      output is absent or unused (the ratio does not matter then);
+    * a single-input ``Concat``;
     * ``Reshape`` to the input's own shape: per axis the target is the same static size, ``0``
       (copy, without allowzero) or the only ``-1`` where every other axis matched and is non-zero;
     * ``Cast``/``CastLike`` to the input's own element type;
@@ -31,11 +34,11 @@ class EliminateIdentity(Pass):
     Readers of the output read the input instead. A graph output keeps its name: the input's
     producer is renamed to produce it (skipped when the input is a graph input, an
     initializer, another graph output or read by a subgraph). Needs constants for shapes,
-    pads, Slice parameters and training_mode; anything not provably a no-op is kept.
+    pads and Slice parameters; anything not provably a no-op is kept.
     """
 
-    info = PassInfo("eliminate-identity", opt_level=1,
-                    description="remove Identity, inference Dropout and no-op Reshape/Cast/Transpose/Pad/Slice/Concat")
+    info = PassInfo("eliminate-noop-ops", opt_level=1,
+                    description="remove no-op Reshape/Cast/CastLike/Transpose/Pad/Slice and single-input Concat")
     options = {}
 
     def run(self, model, ctx) -> bool:
@@ -60,22 +63,8 @@ class EliminateIdentity(Pass):
         return changed
 
 
-def _identity(node, index, shapes, outer) -> bool:
-    return len(node.input) == 1
-
-
 def _concat(node, index, shapes, outer) -> bool:
     return len(node.input) == 1
-
-
-def _dropout(node, index, shapes, outer) -> bool:
-    if not extra_outputs_unused(node, index, outer):
-        return False
-    if len(node.input) > 2 and node.input[2]:
-        mode = constant(index, node.input[2])
-        if mode is None or mode.size != 1 or bool(mode.reshape(())):
-            return False
-    return True
 
 
 def _reshape(node, index, shapes, outer) -> bool:
@@ -158,9 +147,7 @@ def _slice(node, index, shapes, outer) -> bool:
 
 
 _CHECKS = {
-    "Identity": _identity,
     "Concat": _concat,
-    "Dropout": _dropout,
     "Reshape": _reshape,
     "Cast": _cast,
     "CastLike": _cast,
