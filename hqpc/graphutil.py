@@ -137,14 +137,16 @@ def set_initializer(graph: onnx.GraphProto, name: str, value: np.ndarray) -> Non
     graph.initializer.append(tensor)
 
 
-def rename_input_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
+def rename_input_uses(graph: onnx.GraphProto, old: str, new: str, nodes=None) -> None:
     """Make every node input and graph output that reads ``old`` read ``new`` instead.
 
     When ``old`` is a graph output, the producer of ``new`` is renamed to produce ``old``
-    instead, so graph output names never change.
+    instead, so graph output names never change. ``nodes`` (default ``graph.node``) lets a
+    rewriter that holds a detached node list apply the same renaming to it.
     """
+    nodes = graph.node if nodes is None else nodes
     if any(o.name == old for o in graph.output):
-        for node in graph.node:
+        for node in nodes:
             for i, name in enumerate(node.output):
                 if name == new:
                     node.output[i] = old
@@ -155,7 +157,7 @@ def rename_input_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
             if init.name == new:
                 init.name = old
         return
-    for node in graph.node:
+    for node in nodes:
         for i, name in enumerate(node.input):
             if name == old:
                 node.input[i] = new

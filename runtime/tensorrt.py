@@ -785,6 +785,16 @@ def _profile_shapes(network, max_batch: int, dynamic_dim: int = 32):
     return shapes
 
 
+def _add_profile(builder, network, config, max_batch: int) -> None:
+    """Add one optimization profile covering the network's dynamic input dims (if any)."""
+    shapes = _profile_shapes(network, max_batch)
+    if shapes:
+        profile = builder.create_optimization_profile()
+        for name, low, opt, high in shapes:
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+
+
 def _rtx_build(model: onnx.ModelProto, capabilities: list[str], max_batch: int):
     """Parse and build with TensorRT-RTX; returns (parsed, plan or None, parser errors, logger messages)."""
     import tensorrt_rtx as trt
@@ -804,12 +814,7 @@ def _rtx_build(model: onnx.ModelProto, capabilities: list[str], max_batch: int):
     config.num_compute_capabilities = len(capabilities)
     for i, cc in enumerate(capabilities):
         config.set_compute_capability(_capability_enum(trt, cc), i)
-    shapes = _profile_shapes(network, max_batch)
-    if shapes:
-        profile = builder.create_optimization_profile()
-        for name, low, opt, high in shapes:
-            profile.set_shape(name, low, opt, high)
-        config.add_optimization_profile(profile)
+    _add_profile(builder, network, config, max_batch)
     plan = builder.build_serialized_network(network, config)
     return True, (bytes(plan) if plan is not None else None), errors, logger.messages
 
@@ -924,12 +929,7 @@ def build_tensorrt_plan(model: onnx.ModelProto, dla_core: int | None = None, max
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = int(dla_core)
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-    shapes = _profile_shapes(network, max_batch)
-    if shapes:
-        profile = builder.create_optimization_profile()
-        for name, low, opt, high in shapes:
-            profile.set_shape(name, low, opt, high)
-        config.add_optimization_profile(profile)
+    _add_profile(builder, network, config, max_batch)
     plan = builder.build_serialized_network(network, config)
     result.log = "\n".join(f"[{sev}] {msg}" for sev, msg in logger.messages)
     result.build_s = time.perf_counter() - start

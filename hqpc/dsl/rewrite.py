@@ -19,7 +19,7 @@ from hqpc.dsl.errors import EvalError
 from hqpc.dsl.evaluator import Evaluator, GraphView
 from hqpc.dsl.matcher import MatchState
 from hqpc.dsl.schema import attribute_value, concrete_dtype, op_info
-from hqpc.graphutil import NameGenerator
+from hqpc.graphutil import NameGenerator, rename_input_uses
 
 PROVENANCE_KEY = "hqpc.rule"
 
@@ -370,7 +370,7 @@ def apply(graph: onnx.GraphProto, rewrite: Rewrite, view: GraphView) -> None:
     del graph.node[:]
     graph.initializer.extend(rewrite.inits)
     for old, src in forwards.items():
-        _forward(final, graph, old, src, outputs)
+        rename_input_uses(graph, old, src, nodes=final)
     removed = list(doomed)
     final = _remove_dead(final, graph, rewrite.matched, removed)
     _reuse_names(final, rewrite, removed)
@@ -391,25 +391,6 @@ def _reuse_names(nodes: list, rewrite: Rewrite, removed: list) -> None:
         if pick is not None:
             node.name = pick.name
             free.remove(pick)
-
-
-def _forward(nodes: list, graph: onnx.GraphProto, old: str, src: str, outputs: set) -> None:
-    if old in outputs:
-        for node in nodes:
-            for i, name in enumerate(node.output):
-                if name == src:
-                    node.output[i] = old
-            for i, name in enumerate(node.input):
-                if name == src:
-                    node.input[i] = old
-        for init in graph.initializer:
-            if init.name == src:
-                init.name = old
-        return
-    for node in nodes:
-        for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = src
 
 
 def _readers(nodes: list, graph: onnx.GraphProto) -> dict[str, int]:
