@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pass-file", action="append", default=[], type=Path, metavar="FILE",
                         help="load rewrite rules from a .hqp file (repeatable)")
     parser.add_argument("--report", type=Path, help="write the JSON report here")
+    parser.add_argument("--report-html", type=Path, metavar="PATH", help="write a static HTML report here (per-layer "
+                        "table, pruning curve, bitwidth chart; charts need matplotlib: pip install 'hqpc[report]')")
     parser.add_argument("--print-ir-after", metavar="NAME|all", help="print the IR after these passes (comma-separated) to stderr")
     parser.add_argument("--emit", choices=("onnx", "text", "plan"), default="onnx",
                         help="output: onnx (default), text (ONNX textual syntax), plan (also build a TensorRT "
@@ -121,33 +123,6 @@ def _print_passes() -> None:
         print(f"-O{level}: {','.join(level_pipeline(level)) or '(no passes)'}")
 
 
-def _summary(result, stream) -> None:
-    """A compact per-pass table on stderr."""
-    print(f"{'pass':28s} {'status':12s} {'ms':>8s} {'nodes':>11s}  guard", file=stream)
-    for r in result.records:
-        if r.skipped:
-            status = "skipped"
-        elif r.rolled_back:
-            status = "ROLLED BACK"
-        else:
-            status = "changed" if r.modified else "no change"
-        guard = r.checks.get("guard")
-        if guard and guard.get("status") == "skipped":
-            guard_text = "-"
-        elif guard and "outputs" in guard:
-            worst = max((o["max_abs"] for o in guard["outputs"]), default=0.0)
-            guard_text = f"{'ok' if guard['ok'] else 'FAIL'} (max abs err {worst:.2g})"
-        else:
-            guard_text = r.skipped or ("-" if not r.modified else "")
-        nodes = f"{r.nodes_before}->{r.nodes_after}" if r.ran else ""
-        print(f"{r.name:28s} {status:12s} {r.wall_s * 1000:8.1f} {nodes:>11s}  {guard_text}", file=stream)
-        if r.rolled_back:
-            print(f"    reason: {r.error}", file=stream)
-    s = result.report["summary"]
-    print(f"nodes {s['nodes_before']} -> {s['nodes_after']}, params {s['params_before']} -> {s['params_after']}, "
-          f"{s['wall_s']:.2f} s", file=stream)
-
-
 def _nearest_existing_folder(folder: Path) -> Path:
     """The folder itself, or its closest existing ancestor (where missing folders will be created)."""
     while not folder.exists():
@@ -177,7 +152,7 @@ def run(argv: list[str]) -> int:
     output = args.output
     if output is None and args.emit == "onnx":
         output = default_output_path(model_path, args.emit)
-    for path in (output, args.report):
+    for path in (output, args.report, args.report_html):
         if path is not None:
             check_output_path(path, [model_path, args.data])
             folder = _nearest_existing_folder(path.parent.resolve())
@@ -185,6 +160,8 @@ def run(argv: list[str]) -> int:
                 raise OutputError(f"cannot write {path}: {folder} is not writable")
     if output is not None and args.report is not None and output.resolve() == args.report.resolve():
         raise OutputError("the output model and the report are the same file")
+    if args.report_html is not None and args.report_html.resolve() in {p.resolve() for p in (output, args.report) if p}:
+        raise OutputError(f"--report-html {args.report_html} is the same file as the output model or the JSON report")
     disabled = tuple(name.strip() for group in args.disable_pass for name in group.split(",") if name.strip())
     if args.print_ir_after and args.print_ir_after != "all":
         from hqpc.registry import get_pass
@@ -196,7 +173,7 @@ def run(argv: list[str]) -> int:
                 raise HqpcError(f"--print-ir-after: {exc}") from None
     options = CompileOptions(model=model_path, opt_level=args.opt_level, target=args.target, output=output,
                              data=args.data, max_drop=args.max_drop, pipeline=args.pipeline, disabled=disabled,
-                             report=args.report, print_ir_after=args.print_ir_after, emit=args.emit,
+                             report=args.report, report_html=args.report_html, print_ir_after=args.print_ir_after, emit=args.emit,
                              seed=args.seed, strict=args.strict, verbosity=verbosity, guard_batch=args.guard_batch,
                              extra={"size_budget": args.size_budget, "dla_core": args.dla_core,
                                     "trt_check": args.trt_check})
@@ -204,7 +181,9 @@ def run(argv: list[str]) -> int:
     result = compile_model(options, log=log)
     write_outputs(result, options, sys.stdout, log=log)
     if verbosity >= 1:
-        _summary(result, sys.stderr)
+        from hqpc.summary import print_summary
+
+        print_summary(result, sys.stderr, verbosity)
         if output is not None:
             print(f"wrote {output}", file=sys.stderr)
     if result.rolled_back:

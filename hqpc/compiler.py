@@ -36,6 +36,7 @@ class CompileOptions:
     pipeline: str | None = None
     disabled: tuple[str, ...] = ()
     report: Path | None = None
+    report_html: Path | None = None
     print_ir_after: str | None = None
     emit: str = "onnx"
     seed: int = 0
@@ -196,8 +197,8 @@ def check_output_path(output: Path, inputs: list[Path]) -> None:
 
 def write_outputs(result: CompileResult, options: CompileOptions, stdout,
                   log: Callable[[str], None] = lambda m: None) -> None:
-    """Write the model (or its text), the target's artifacts (build_plan.sh, engine) and the
-    report, each atomically."""
+    """Write the model (or its text), the target's artifacts (build_plan.sh, engine), the
+    report and the HTML report, each atomically."""
     if options.emit == "text":
         text = result.model.text()
         if options.output is None:
@@ -214,3 +215,9 @@ def write_outputs(result: CompileResult, options: CompileOptions, stdout,
             write_target_artifacts(result, path, result.model_target, options, log=log)
     if options.report is not None:
         write_report(Path(options.report), result.report)
+    report_html = options.report_html or (options.extra or {}).get("report_html")
+    if report_html is not None:
+        from hqpc.report_html import original_proto, write_report_html
+
+        write_report_html(Path(report_html), result.report, model=result.model.proto,
+                          original=original_proto(options.model))

@@ -47,9 +47,9 @@ CLEANUP = [
 PIPELINES: dict[int, list[str]] = {
     0: [],
     1: CLEANUP,
-    2: CLEANUP + ["calibrate", "assign-precision", "insert-qdq", "eliminate-dead-code", "verify-trt"],
+    2: CLEANUP + ["calibrate", "assign-precision", "insert-qdq", "check-trt", "eliminate-dead-code", "verify-trt"],
     3: CLEANUP + ["annotate-sensitivity", "prune", "reconstruct", "calibrate", "assign-precision",
-                  "insert-qdq", "eliminate-dead-code", "verify-trt"],
+                  "insert-qdq", "check-trt", "eliminate-dead-code", "verify-trt"],
 }
 
 

@@ -1,0 +1,163 @@
+"""prune (the search) and its cost model, on the shipped digits CNN (fast) and the latency
+helpers."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from hqpc.compiler import CompileOptions, compile_model
+from hqpc.ir import Model
+from hqpc.passes.channel_groups import analyze
+from hqpc.passes.prune_channels import apply_plan
+from hqpc.passes.prune_search import CostModel, Prune, fisher_scores, paired_sigma
+from hqpc.passmanager import PassContext
+from hqpc.runtime import latency as lat
+from hqpc.target import load_target
+from tests.conftest import REPO
+
+DIGITS = REPO / "examples" / "digits" / "digits_cnn.onnx"
+DIGITS_DATA = REPO / "examples" / "digits" / "digits.toml"
+SENS = "annotate-sensitivity{samples=64,precisions=fp16},"
+FAST = "prune{max_steps=2,latency_runs=5,recon_rows=2048,recon_images=96,score_images=32,reconstruct=true}"
+
+
+def test_search_on_digits_stays_within_budget():
+    result = compile_model(CompileOptions(model=str(DIGITS), data=DIGITS_DATA, max_drop=2.0,
+                                          pipeline=SENS + FAST + ",reconstruct{rows=2048,images=96}"))
+    records = {r.name: r for r in result.records}
+    prune, recon = records["prune"], records["reconstruct"]
+    assert not prune.rolled_back and not recon.rolled_back, (prune.error, recon.error)
+    info = result.model.annotations["prune"]
+    from hqpc.registry import passes
+
+    expected = "fisher+probe" if "annotate-sensitivity" in passes() else "kl-probe"
+    assert info["score_source"] == expected and info["metric"] == "top1"
+    history = info["history"]
+    assert history[0]["step"] == 0 and len(history) >= 2
+    for entry in history[1:]:
+        assert {"step", "accepted", "channels_removed", "latency_est_us", "latency_ms", "speedup", "top1", "drop",
+                "sigma", "drop_est", "sigma_est", "changed", "flip_ratio", "moves"} <= set(entry)
+        if entry["accepted"]:
+            assert entry["drop_est"] + entry["sigma_est"] <= 2.0 + 1e-3
+    if prune.modified:
+        assert prune.checks["guard"]["ok"]
+        multiple = load_target("cpu").channel_multiple
+        assert all(k % multiple == 0 for k in info["kept"].values())
+        assert info["images"]["search"] + info["images"]["heldout"] == 250
+        onnx.checker.check_model(result.model.proto, full_check=True)
+        assert "top1_with" in result.model.annotations["reconstruct"]
+
+
+def test_search_with_probes_on_digits():
+    result = compile_model(CompileOptions(model=str(DIGITS), data=DIGITS_DATA, max_drop=2.0,
+                                          pipeline=SENS.replace("64", "16") + FAST.replace("}", ",scores=probe,max_steps=1}")))
+    record = result.records[-1]
+    assert record.name == "prune" and not record.rolled_back, record.error
+    assert result.model.annotations["prune"]["score_source"] == "kl-probe"
+
+
+def test_search_without_data_is_a_no_op():
+    result = compile_model(CompileOptions(model=str(DIGITS), pipeline="prune"))
+    assert not result.records[0].modified and not result.records[0].rolled_back
+
+
+def test_quantization_reserve():
+    p = Prune()
+    ctx = PassContext(opt_level=3, config={"max_drop": 1.0})
+    budget, reserve = p._budget(ctx)
+    from hqpc.registry import passes
+
+    if "insert-qdq" in passes():
+        assert (budget, reserve) == pytest.approx((0.7, 0.3))
+    ctx = PassContext(opt_level=3, config={"max_drop": 1.0}, disabled=frozenset({"insert-qdq"}))
+    assert p._budget(ctx) == (1.0, 0.0)
+    ctx = PassContext(opt_level=3, config={"max_drop": 2.0, "quant_reserve": 0.5})
+    if "insert-qdq" in passes():
+        assert p._budget(ctx) == pytest.approx((1.0, 1.0))
+
+
+def test_cost_model_savings_follow_channel_blocks():
+    proto = Model.load(DIGITS).proto
+    groups = analyze(proto)
+    cost = CostModel(groups, proto, block=16)
+    cost.rebase({n.name: 10.0 for n in proto.graph.node}, {})
+    big = max(groups.prunable, key=lambda g: g.channels)
+    half = tuple(range(big.channels // 2))
+    assert cost.saving(big.id, {}, half) > 0
+    assert cost.saving(big.id, {}, tuple(range(big.channels - 8))) == 0  # same number of 16-blocks
+    assert cost.total({big.id: half}) < cost.total({})
+
+
+def test_fisher_scores_follow_the_annotation_contract():
+    """The mapping from annotations["sensitivity"]["channels"][node] (one score per output
+    channel of the *current* model) to group channels, before and after pruning."""
+    proto = Model.load(DIGITS).proto
+    groups = analyze(proto)
+    group = [g for g in groups.prunable if len(g.producers) == 1][0]
+    node = group.producers[0]
+    scores = {node: list(np.arange(group.channels, dtype=float))}
+    for g in groups.prunable:
+        for p in g.producers:
+            scores.setdefault(p, [1.0] * g.channels)
+    got = fisher_scores(groups, scores, {}, [group.id])
+    assert np.allclose(got[group.id], np.arange(group.channels))
+    plan = {group.id: tuple(range(1, group.channels, 2))}
+    pruned_scores = {**scores, node: list(np.arange(len(plan[group.id])) * 10.0)}
+    got = fisher_scores(groups, pruned_scores, plan, [group.id])
+    assert got[group.id][1] == 0.0 and got[group.id][3] == 10.0  # kept unit k -> current position
+    assert fisher_scores(groups, {}, {}, [group.id]) is None
+
+
+def test_drop_estimate_pools_flips():
+    from hqpc.passes.prune_search import DropEstimate
+
+    labels = np.zeros(100, int)
+    base = np.zeros(100, int)
+    est = DropEstimate(labeled=True)    # prior ratio 0.5 worth 20 changed predictions
+    first = np.zeros(100, int)
+    first[:10] = 1                      # 10 changed predictions, all harmful: raw drop 10
+    out = est.add(first, base, labels)
+    assert out["flip_ratio"] == pytest.approx((10 + 10) / 30) and out["drop_est"] == pytest.approx(10 * 20 / 30)
+    second = np.zeros(100, int)
+    second[:4] = 1                      # 4 changed: estimate uses the pooled ratio
+    out = est.add(second, base, labels)
+    assert out["flip_ratio"] == pytest.approx(24 / 34) and out["changed"] == pytest.approx(0.04)
+    lucky = DropEstimate(labeled=True)
+    better = np.zeros(100, int)
+    labels_b = np.ones(100, int)
+    better[:3] = 1                      # 3 changed, all fixed mistakes: raw drop -3
+    assert lucky.add(better, base, labels_b)["flip_ratio"] == pytest.approx((10 - 3) / 23)
+    unlabeled = DropEstimate(labeled=False).add(second, base, None)
+    assert unlabeled["drop_est"] == pytest.approx(4.0) and unlabeled["sigma_est"] == pytest.approx(2.0)
+
+
+def test_paired_sigma():
+    base = np.array([0, 1, 1, 0])
+    labels = np.array([0, 1, 0, 0])
+    assert paired_sigma(base, base, labels) == 0.0
+    assert paired_sigma(np.array([1, 1, 1, 0]), base, labels) == pytest.approx(100 * 1 / 4)
+
+
+def test_profile_layers_maps_to_nodes():
+    proto = Model.load(DIGITS).proto
+    layers = lat.profile_layers(proto, runs=3, warmup=1)
+    names = {n.name for n in proto.graph.node}
+    assert set(layers) - {"<other>"} <= names
+    convs = [n.name for n in proto.graph.node if n.op_type == "Conv"]
+    assert sum(layers.get(c, 0.0) for c in convs) > 0
+    assert lat.profile_layers(proto, runs=3, warmup=1) == layers  # cached per digest
+
+
+def test_roofline_and_compare():
+    proto = Model.load(DIGITS).proto
+    orin = load_target("orin")
+    layers = lat.roofline_layers(proto, orin)
+    assert all(v >= 0 for v in layers.values()) and max(layers.values()) > 0
+    assert lat.channel_block(orin) == orin.channel_multiple
+    groups = analyze(proto)
+    big = max(groups.prunable, key=lambda g: g.channels)
+    pruned = apply_plan(proto, groups, {big.id: tuple(range(big.channels // 2))})
+    assert sum(lat.roofline_layers(pruned, orin).values()) < sum(layers.values())
+    timing = lat.compare({"a": proto, "b": pruned}, runs=3, warmup=1)
+    assert set(timing) == {"a", "b"} and timing["a"]["runs"] == 3
