@@ -218,3 +218,27 @@ def tensor_shape(graph: onnx.GraphProto, name: str) -> list[int | str | None] | 
                 dims.append(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None))
             return dims
     return None
+
+
+def toposort(graph: onnx.GraphProto) -> None:
+    """Order nodes so that every input is produced before it is read (stable)."""
+    produced = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(name in produced for name in node.input):
+                ordered.append(node)
+                produced.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            ordered.extend(rest)  # cycle or outer-scope reads: keep the remaining order
+            break
+        pending = rest
+    copies = [onnx.NodeProto() for _ in ordered]
+    for copy, node in zip(copies, ordered):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)

@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from hqpc.graphutil import GraphIndex, NameGenerator
+from hqpc.graphutil import GraphIndex, NameGenerator, toposort
 from hqpc.passmanager import Pass, PassInfo
 from hqpc.passes._rewrite import ShapeTable, is_op
 from hqpc.registry import register_pass
@@ -242,32 +242,8 @@ def with_activation_qdq(proto: onnx.ModelProto, params: dict[str, tuple]) -> onn
             if name in rename:
                 node.input[i] = rename[name]
     graph.node.extend(new_nodes)
-    _toposort(graph)
+    toposort(graph)
     return out
-
-
-def _toposort(graph: onnx.GraphProto) -> None:
-    """Order nodes so that every input is produced before it is read (stable)."""
-    produced = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending = list(graph.node)
-    ordered = []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(name in produced for name in node.input):
-                ordered.append(node)
-                produced.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            ordered.extend(rest)  # cycle or outer-scope reads: keep the remaining order
-            break
-        pending = rest
-    copies = [onnx.NodeProto() for _ in ordered]
-    for copy, node in zip(copies, ordered):
-        copy.CopyFrom(node)
-    del graph.node[:]
-    graph.node.extend(copies)
 
 
 # --------------------------------------------------------------------------- bias correction

@@ -71,7 +71,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from hqpc.graphutil import GraphIndex, NameGenerator, attributes, remove_unused_initializers
+from hqpc.graphutil import GraphIndex, NameGenerator, attributes, remove_unused_initializers, toposort
 from hqpc.passes._rewrite import ShapeTable, is_op
 from hqpc.runtime import quant as Q
 
@@ -607,12 +607,12 @@ def emit(model, placement: Placement) -> dict:
         if placement.domain.get(node.name) == "H":
             _emit_fp16(b, node, index)
     graph.node.extend(b.nodes)
-    _toposort(graph)
+    toposort(graph)
     stats = simplify(graph)
     stats["fences"] = fences
     remove_dead_nodes(graph)
     remove_unused_initializers(graph)
-    _toposort(graph)
+    toposort(graph)
     return stats
 
 
@@ -841,7 +841,7 @@ def _quantize_offsets(graph: onnx.GraphProto, stats) -> None:
         node.input[1] = cd
     if new:
         graph.node.extend(new)
-        _toposort(graph)
+        toposort(graph)
 
 
 def remove_dead_nodes(graph: onnx.GraphProto) -> int:
@@ -894,31 +894,6 @@ def _replace(graph: onnx.GraphProto, old: onnx.NodeProto, new: onnx.NodeProto) -
         if n is old:
             graph.node[i].CopyFrom(new)
             return
-
-
-def _toposort(graph: onnx.GraphProto) -> None:
-    produced = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending = list(graph.node)
-    ordered = []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(name in produced for name in node.input):
-                ordered.append(node)
-                produced.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            ordered.extend(rest)
-            break
-        pending = rest
-    copies = []
-    for node in ordered:
-        c = onnx.NodeProto()
-        c.CopyFrom(node)
-        copies.append(c)
-    del graph.node[:]
-    graph.node.extend(copies)
 
 
 # --------------------------------------------------------------------------- reference
@@ -1049,6 +1024,6 @@ def reference_model(before, placement: Placement):
             new_nodes.append(helper.make_node("Cast", [raw], [h], name=names(f"{out}_to16"), to=TensorProto.FLOAT16))
             new_nodes.append(helper.make_node("Cast", [h], [out], name=names(f"{out}_to32"), to=TensorProto.FLOAT))
     graph.node.extend(new_nodes)
-    _toposort(graph)
+    toposort(graph)
     remove_unused_initializers(graph)
     return ref
