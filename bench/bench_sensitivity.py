@@ -57,7 +57,6 @@ SPECS = {
     "mobilenet_v2": REPO / "examples/data/imagenet_mobilenet.toml",
 }
 EVAL_DEFAULT = {"cifar10_resnet20": 1000, "cifar10_resnet56": 1000, "mobilenet_v3_small": 500, "mobilenet_v2": 500}
-FRACTION = 0.10
 DRAWS = 5
 
 
@@ -91,6 +90,15 @@ def kl(reference: np.ndarray, other: np.ndarray) -> float:
 
 def top1(z: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(z.reshape(len(z), -1).argmax(axis=1) == y))
+
+
+def nll(z: np.ndarray, y: np.ndarray) -> float:
+    """Mean cross-entropy of the labels (the loss the Fisher scores predict the increase of)."""
+    return float(-log_softmax(z)[np.arange(len(y)), y].mean())
+
+
+def metrics(z: np.ndarray, y: np.ndarray, base: np.ndarray) -> dict:
+    return {"top1": top1(z, y), "nll": nll(z, y), "kl": kl(base, z)}
 
 
 # --------------------------------------------------------------------------- model edits
@@ -212,43 +220,48 @@ def gate_layers(proto: onnx.ModelProto) -> set[str]:
     return gates
 
 
-def channel_experiment(proto, ann, x, y, base_top1, threads, log) -> dict:
+def channel_experiment(proto, ann, x, y, base, threads, fractions, log) -> dict:
     skip = classifier(proto)
     gates = gate_layers(proto)
-    out = {"classifier": skip, "gates": sorted(gates), "fp32": base_top1}
-    out.update(_zeroing(proto, ann, x, y, threads, exclude={skip} | gates))
-    log(f"  zero 10% ({out['k']} of {out['pool']} channels; classifier and {len(gates)} gate convs excluded): "
-        f"random {out['random']['mean']:.4f}")
-    for ranking in ("raw", "l2"):
-        log(f"    {ranking}: lowest {out[ranking]['lowest']:.4f}  highest {out[ranking]['highest']:.4f}  "
-            f"(fp32 {base_top1:.4f})")
+    out = {"classifier": skip, "gates": sorted(gates), "fp32": metrics(base, y, base), "fractions": {}}
+    for fraction in fractions:
+        res = _zeroing(proto, ann, x, y, base, threads, {skip} | gates, fraction)
+        out["fractions"][str(fraction)] = res
+        log(f"  zero {fraction:.0%} ({res['k']} of {res['pool']} channels; classifier and {len(gates)} gate convs "
+            f"excluded), top-1 / NLL: random {res['random']['top1']:.4f} / {res['random']['nll']:.3f}")
+        for ranking in ("raw", "l2"):
+            lo, hi = res[ranking]["lowest"], res[ranking]["highest"]
+            log(f"    {ranking}: lowest {lo['top1']:.4f} / {lo['nll']:.3f}  highest {hi['top1']:.4f} / {hi['nll']:.3f}")
     if gates:
-        out["with_gates"] = _zeroing(proto, ann, x, y, threads, exclude={skip})
+        out["with_gates"] = _zeroing(proto, ann, x, y, base, threads, {skip}, fractions[0])
+        out["with_gates"]["fraction"] = fractions[0]
         w = out["with_gates"]
-        log(f"  with the gate convs in the pool ({w['k']} of {w['pool']}): raw lowest {w['raw']['lowest']:.4f}  "
-            f"random {w['random']['mean']:.4f}  raw highest {w['raw']['highest']:.4f}")
+        log(f"  with the gate convs in the pool ({w['k']} of {w['pool']}), top-1: raw lowest "
+            f"{w['raw']['lowest']['top1']:.4f}  random {w['random']['top1']:.4f}  raw highest {w['raw']['highest']['top1']:.4f}")
     return out
 
 
-def _zeroing(proto, ann, x, y, threads, exclude: set[str]) -> dict:
+def _zeroing(proto, ann, x, y, base, threads, exclude: set[str], fraction: float) -> dict:
     pool = [(node, c, s) for node, scores in ann["channels"].items() if node not in exclude
             for c, s in enumerate(scores)]
-    k = max(1, int(round(FRACTION * len(pool))))
+    k = max(1, int(round(fraction * len(pool))))
     out = {"pool": len(pool), "k": k}
     rng = np.random.default_rng(0)
-    randoms = []
+    draws = []
     for _ in range(DRAWS):
         pick = rng.choice(len(pool), size=k, replace=False)
-        randoms.append(top1(logits(zeroed(proto, [pool[i][:2] for i in pick]), x, threads), y))
-    out["random"] = {"mean": float(np.mean(randoms)), "std": float(np.std(randoms)), "draws": randoms}
+        draws.append(metrics(logits(zeroed(proto, [pool[i][:2] for i in pick]), x, threads), y, base))
+    out["random"] = {m: float(np.mean([d[m] for d in draws])) for m in ("top1", "nll", "kl")}
+    out["random"]["top1_std"] = float(np.std([d["top1"] for d in draws]))
+    out["random"]["draws"] = draws
     norms = {node: float(np.linalg.norm(scores)) or 1.0 for node, scores in ann["channels"].items()}
     for ranking in ("raw", "l2"):
         keyed = [s if ranking == "raw" else s / norms[node] for node, _, s in pool]
         order = np.argsort(np.asarray(keyed), kind="stable")
         low = [pool[i][:2] for i in order[:k]]
         high = [pool[i][:2] for i in order[-k:]]
-        out[ranking] = {"lowest": top1(logits(zeroed(proto, low), x, threads), y),
-                        "highest": top1(logits(zeroed(proto, high), x, threads), y),
+        out[ranking] = {"lowest": metrics(logits(zeroed(proto, low), x, threads), y, base),
+                        "highest": metrics(logits(zeroed(proto, high), x, threads), y, base),
                         "lowest_layers": len({n for n, _ in low}),
                         "lowest_max_layer_fraction": _max_layer_fraction(low, ann)}
     return out
@@ -262,8 +275,6 @@ def _max_layer_fraction(chosen, ann) -> float:
 
 
 def quant_experiment(proto, ann, x, y, base_logits, threads, precisions, log) -> dict:
-    from scipy.stats import spearmanr
-
     from hqpc.passes.sensitivity import find_layers, quantized_weight
 
     layers = [layer for layer in find_layers(proto.graph) if layer.weight is not None]
@@ -282,20 +293,26 @@ def quant_experiment(proto, ann, x, y, base_logits, threads, precisions, log) ->
             rows.append({"node": layer.name, "weight": layer.weight, "predicted": ann["tensors"][layer.weight][p],
                          "kl": 0.0 if identical else kl(base_logits, z),
                          "top1_drop": 0.0 if identical else base_top1 - top1(z, y), "exact": exact})
-        pred = np.array([r["predicted"] for r in rows])
-        meas = np.array([r["kl"] for r in rows])
-        drop = np.array([r["top1_drop"] for r in rows])
-        nonexact = np.array([not r["exact"] for r in rows])
-        res = {"layers": len(rows), "exact_layers": int((~nonexact).sum()), "rows": rows,
-               "spearman_kl": _rho(spearmanr, pred, meas), "spearman_top1": _rho(spearmanr, pred, drop)}
-        if nonexact.sum() >= 3 and (~nonexact).sum():
-            res["spearman_kl_nonexact"] = _rho(spearmanr, pred[nonexact], meas[nonexact])
-        positive = (meas > 0) & (pred > 0)
-        res["median_ratio_pred_over_kl"] = float(np.median(pred[positive] / meas[positive])) if positive.any() else None
-        out[p] = res
-        log(f"  {p}: Spearman(predicted, KL) = {res['spearman_kl']:.3f}, (predicted, top-1 drop) = "
-            f"{res['spearman_top1']:.3f} over {len(rows)} layers ({res['exact_layers']} exact)")
+        out[p] = quant_stats(rows)
+        log(f"  {p}: Spearman(predicted, KL) = {out[p]['spearman_kl']:.3f}, (predicted, top-1 drop) = "
+            f"{out[p]['spearman_top1']:.3f} over {len(rows)} layers ({out[p]['exact_layers']} exact)")
     return out
+
+
+def quant_stats(rows: list[dict]) -> dict:
+    from scipy.stats import spearmanr
+
+    pred = np.array([r["predicted"] for r in rows])
+    meas = np.array([r["kl"] for r in rows])
+    drop = np.array([r["top1_drop"] for r in rows])
+    nonexact = np.array([not r["exact"] for r in rows])
+    res = {"layers": len(rows), "exact_layers": int((~nonexact).sum()), "rows": rows,
+           "spearman_kl": _rho(spearmanr, pred, meas), "spearman_top1": _rho(spearmanr, pred, drop)}
+    if nonexact.sum() >= 3 and (~nonexact).sum():
+        res["spearman_kl_nonexact"] = _rho(spearmanr, pred[nonexact], meas[nonexact])
+    positive = (meas > 0) & (pred > 0)
+    res["median_ratio_pred_over_kl"] = float(np.median(pred[positive] / meas[positive])) if positive.any() else None
+    return res
 
 
 def _rho(spearmanr, a, b) -> float:
@@ -305,51 +322,68 @@ def _rho(spearmanr, a, b) -> float:
 
 
 # --------------------------------------------------------------------------- report
-def markdown(results: dict, args) -> str:
-    commands = sorted({r.get("command", "") for r in results.values()})
+def markdown(results: dict) -> str:
+    commands = list(dict.fromkeys(c for r in results.values() for c in r.get("commands", [])))
     lines = ["# annotate-sensitivity: acceptance experiments", "",
-             "Commands: " + ", ".join(f"`{c}`" for c in commands), "",
-             f"Pass: `annotate-sensitivity{{samples={args.samples}}}` on the calibration split (loss "
-             f"{args.loss}; cross_entropy = dataset labels), target cpu. Accuracy on the first N items "
-             "of the eval split (disjoint from calibration). Machine: 2 shared cores; times are wall "
-             "(CPU) seconds of the pass alone, and depend on the load of the machine at the time.", "",
-             "## Pass runtime", "", "| model | samples | batch | wall s | CPU s | peak RSS MB |", "|---|---|---|---|---|---|"]
+             "Commands (in this order; later ones update their models' parts):", ""]
+    lines += [f"    {c}" for c in commands]
+    lines += ["", "Pass: `annotate-sensitivity{samples=256}` (the -O3 defaults: batch 16, loss auto = cross_entropy "
+              "with the dataset labels), target cpu, on the calibration split. Accuracy on the first N items of the "
+              "eval split (disjoint from calibration). Machine: 2 cores shared with other jobs (load average 7-10 "
+              "during these runs), so wall times are inflated; CPU seconds are the process's user+system time.", "",
+              "## Pass runtime", "", "| model | samples | batch | wall s | CPU s | peak RSS MB (bench process) |",
+              "|---|---|---|---|---|---|"]
     for name, r in results.items():
         t = r["timing"]
         lines.append(f"| {name} | {r['samples']} | {r['batch']} | {t['wall_s']} | {t['cpu_s']} | {r.get('rss_mb', '')} |")
-    lines += ["", "## (a) Zeroing 10 % of the Conv/Gemm output channels", "",
-              "Top-1 on the eval subset. Pool: every output channel of every Conv/Gemm except the final "
-              "classifier's and squeeze-excite gate convs (zeroing a gate conv sets the gate to "
-              "hsigmoid(0) = 0.5 instead of removing a channel; see the module docstring). *raw*: global "
-              "ranking of the Fisher scores as they are (they estimate the loss increase in one unit for all "
-              "layers); *l2*: each layer's scores divided by its L2 norm. Random: mean ± std of 5 draws. "
-              "*ordered*: lowest > random > highest in top-1. Last column: the same experiment (raw) with "
-              "the gate convs in the pool.", "",
-              "| model | eval N | FP32 | channels zeroed | lowest raw | lowest l2 | random (5) | highest raw | highest l2 "
-              "| ordered raw / l2 | with gates: lowest / random / highest |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## (a) Zeroing a fraction of the Conv/Gemm output channels", "",
+              "Pool: every output channel of every Conv/Gemm except the final classifier's and squeeze-excite gate "
+              "convs (zeroing a gate conv sets the gate to hsigmoid(0) = 0.5 instead of removing a channel; see the "
+              "module docstring). Channels chosen globally: *raw* = the Fisher scores as they are (an estimate of the "
+              "loss increase, one unit for all layers), *l2* = each layer's scores divided by its L2 norm. Random = "
+              "mean of 5 draws (± std of top-1). NLL = mean cross-entropy of the true labels (FP32 value in the "
+              "model column); it keeps separating the cases when top-1 is at chance level (0.1 % on ImageNet). "
+              "*ordered*: lowest > random > highest in top-1 (ties at the floor count as not ordered) / lowest < "
+              "random < highest in NLL.", "",
+              "| model (eval N, FP32 top-1 / NLL) | zeroed | ranking | lowest top-1 | random top-1 | highest top-1 "
+              "| lowest NLL | random NLL | highest NLL | ordered top-1 / NLL |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         a = r.get("channels")
         if not a:
             continue
-        ok = [a[k]["lowest"] > a["random"]["mean"] > a[k]["highest"] for k in ("raw", "l2")]
+        head = f"{name} ({r['eval']}, {a['fp32']['top1']:.1%} / {a['fp32']['nll']:.3f})"
+        for fraction, res in a["fractions"].items():
+            rnd = res["random"]
+            for ranking in ("raw", "l2"):
+                lo, hi = res[ranking]["lowest"], res[ranking]["highest"]
+                ok_top1 = lo["top1"] > rnd["top1"] > hi["top1"]
+                ok_nll = lo["nll"] < rnd["nll"] < hi["nll"]
+                lines.append(f"| {head} | {float(fraction):.0%} ({res['k']} of {res['pool']}) | {ranking} | "
+                             f"{lo['top1']:.2%} | {rnd['top1']:.2%} ± {rnd['top1_std']:.2%} | {hi['top1']:.2%} | "
+                             f"{lo['nll']:.3f} | {rnd['nll']:.3f} | {hi['nll']:.3f} | "
+                             f"{'yes' if ok_top1 else 'NO'} / {'yes' if ok_nll else 'NO'} |")
+                head = ""
         w = a.get("with_gates")
-        gates = (f"{w['raw']['lowest']:.2%} / {w['random']['mean']:.2%} / {w['raw']['highest']:.2%}" if w
-                 else "(no gate convs)")
-        lines.append(f"| {name} | {r['eval']} | {a['fp32']:.2%} | {a['k']} of {a['pool']} | {a['raw']['lowest']:.2%} | "
-                     f"{a['l2']['lowest']:.2%} | {a['random']['mean']:.2%} ± {a['random']['std']:.2%} | "
-                     f"{a['raw']['highest']:.2%} | {a['l2']['highest']:.2%} | "
-                     f"{'yes' if ok[0] else 'NO'} / {'yes' if ok[1] else 'NO'} | {gates} |")
+        if w:
+            lines.append(f"| {name}, gate convs kept in the pool | {w['fraction']:.0%} ({w['k']} of {w['pool']}) | raw | "
+                         f"{w['raw']['lowest']['top1']:.2%} | {w['random']['top1']:.2%} ± {w['random']['top1_std']:.2%} | "
+                         f"{w['raw']['highest']['top1']:.2%} | {w['raw']['lowest']['nll']:.3f} | {w['random']['nll']:.3f} | "
+                         f"{w['raw']['highest']['nll']:.3f} | "
+                         f"{'yes' if w['raw']['lowest']['top1'] > w['random']['top1'] > w['raw']['highest']['top1'] else 'NO'}"
+                         f" / {'yes' if w['raw']['lowest']['nll'] < w['random']['nll'] < w['raw']['highest']['nll'] else 'NO'} |")
     lines += ["", "## (b) Per-layer weight quantization: predicted vs measured", "",
-              "One layer's weights quantized at a time (per-channel symmetric, MSE clipping, QAT grid kept), "
-              "KL(FP32 || quantized) of the softmax and top-1 drop on the eval subset. Spearman rank correlation "
-              "of the predicted loss increase ½E[(gᵀδ)²] with each. *exact*: layers whose quantized weights equal "
-              "the FP32 ones within 1e-6 of max|w| (QAT grid) - predicted and measured ~0 for those. *pred/KL*: median ratio of the "
-              "predicted loss increase to the measured KL (2nd-order theory: 1 with the true Fisher).", "",
-              "| model | precision | layers | exact | Spearman (pred, KL) | Spearman non-exact only | Spearman (pred, top-1 drop) | pred/KL |",
+              "One layer's weights quantized at a time with the quantizer of the pass and of insert-qdq (per output "
+              "channel, symmetric, MSE clipping, an existing QAT grid kept), KL(FP32 || quantized) of the softmax and "
+              "top-1 drop on the eval subset. Spearman rank correlation of the predicted loss increase ½E[(gᵀδ)²] "
+              "with each. *exact*: layers whose quantized weights equal the FP32 ones within 1e-6 of max|w|. "
+              "*pred/KL*: median ratio of the predicted loss increase to the measured KL (second-order theory: 1 "
+              "with the true Fisher; the empirical Fisher of the dataset labels is larger).", "",
+              "| model | precision | layers | exact | Spearman (pred, KL) | Spearman, non-exact layers | "
+              "Spearman (pred, top-1 drop) | pred/KL |",
               "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        for p, q in r["quant"].items():
+        for p, q in r.get("quant", {}).items():
             ne = q.get("spearman_kl_nonexact")
             ratio = q["median_ratio_pred_over_kl"]
             lines.append(f"| {name} | {p.upper()} | {q['layers']} | {q['exact_layers']} | {q['spearman_kl']:.3f} | "
@@ -357,6 +391,22 @@ def markdown(results: dict, args) -> str:
                          f"{'' if ratio is None else f'{ratio:.2f}'} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def refresh_exact(proto: onnx.ModelProto, quant: dict) -> dict:
+    """Recompute the exact flags (tolerance rule) and the statistics of stored quant rows."""
+    from hqpc.passes.sensitivity import find_layers, quantized_weight
+
+    layers = {layer.weight: layer for layer in find_layers(proto.graph) if layer.weight is not None}
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for p, q in quant.items():
+        for row in q["rows"]:
+            layer = layers[row["weight"]]
+            w = inits[row["weight"]].astype(np.float32)
+            d = quantized_weight(w, layer.node, layer.weight_slot, p)
+            row["exact"] = bool(float(np.abs(d - w).max()) <= 1e-6 * float(np.abs(w).max()))
+        quant[p] = quant_stats(q["rows"])
+    return quant
 
 
 def main(argv=None) -> int:
@@ -367,7 +417,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval", type=int, default=0, help="eval items (default: 1000 CIFAR, 500 ImageNet)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precisions", default="int8,int4")
-    parser.add_argument("--skip-channels", action="store_true")
+    parser.add_argument("--fractions", default="0.1,0.02", help="fractions of the channel pool to zero")
+    parser.add_argument("--parts", default="channels,quant", help="experiments to run: channels, quant")
     parser.add_argument("--merge", action="store_true", help="update the models' entries of an existing --json")
     parser.add_argument("--md", type=Path, default=REPO / "bench/results/sensitivity.md")
     parser.add_argument("--json", type=Path, default=REPO / "bench/results/sensitivity.json")
@@ -380,8 +431,9 @@ def main(argv=None) -> int:
     def log(message):
         print(message, flush=True)
 
+    parts = set(args.parts.split(","))
     results = json.loads(args.json.read_text()) if args.merge and args.json.exists() else {}
-    command = "python bench/bench_sensitivity.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = ("python bench/bench_sensitivity.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     for name in args.models:
         log(f"== {name}")
         model, ann, timing = run_pass(SHARED / f"{name}.onnx", SPECS[name], args.samples, args.loss)
@@ -391,18 +443,23 @@ def main(argv=None) -> int:
         n_eval = args.eval or EVAL_DEFAULT[name]
         x, y = DataSpec.load(SPECS[name]).split("eval").arrays(limit=n_eval)
         base = logits(proto, x, args.threads)
-        base_top1 = top1(base, y)
-        log(f"  fp32 top-1 on {len(x)} eval items: {base_top1:.4f}")
-        r = {"samples": ann["samples"], "batch": ann["method"]["batch"], "loss": ann["loss"], "timing": timing,
-             "rss_mb": rss, "eval": len(x), "command": command.strip()}
-        if not args.skip_channels:
-            r["channels"] = channel_experiment(proto, ann, x, y, base_top1, args.threads, log)
-        r["quant"] = quant_experiment(proto, ann, x, y, base, args.threads, args.precisions.split(","), log)
+        log(f"  fp32 top-1 on {len(x)} eval items: {top1(base, y):.4f}")
+        r = results.get(name, {})
+        r.update({"samples": ann["samples"], "batch": ann["method"]["batch"], "loss": ann["loss"], "timing": timing,
+                  "rss_mb": rss, "eval": len(x)})
+        r["commands"] = r.get("commands", []) + [command]
+        if "channels" in parts:
+            fractions = [float(f) for f in args.fractions.split(",")]
+            r["channels"] = channel_experiment(proto, ann, x, y, base, args.threads, fractions, log)
+        if "quant" in parts:
+            r["quant"] = quant_experiment(proto, ann, x, y, base, args.threads, args.precisions.split(","), log)
+        elif "quant" in r:
+            r["quant"] = refresh_exact(proto, r["quant"])
         results[name] = r
         del x, y, base
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1))
-    args.md.write_text(markdown(results, args))
+    args.md.write_text(markdown(results))
     log(f"wrote {args.md} and {args.json}")
     return 0
 

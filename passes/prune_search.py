@@ -33,12 +33,12 @@ Loop (every quantity recorded in ``model.annotations["prune"]["history"]``):
    rewrite of the original), ``reconstruct`` it (same routine as the pass), evaluate top-1 on
    the search images (or top-1 agreement with the original model without labels) and measure
    the latency side by side with the original.
-4. **Accept** when ``estimate + confidence·σ ≤ budget``, the estimate being the candidate's
-   share of changed predictions times the harmful-flip ratio pooled over every evaluation
-   (:class:`DropEstimate`; the raw paired drop and its σ = √(discordant)/n are recorded too but
-   are far noisier, and accepting on them selects lucky noise: on 250 ImageNet images a
-   MobileNetV3 search "improved" by 2-4 points on its search images and lost 10 on held-out
-   ones). Then re-score and re-profile on the accepted model; otherwise halve the step and retry
+4. **Accept** when both ``estimate + confidence·σ`` and ``drop + confidence·σ_drop`` stay
+   within the budget: the estimate is ``flip_ratio`` (0.5) × the share of the search images
+   whose top-1 prediction changed (label-free; :class:`DropEstimate` explains why a search
+   deciding on the measured top-1 drop of a fixed image set drifts: a MobileNetV3 search
+   "improved" by 2 points on its 250 search images and lost 10 on the held-out ones), the raw
+   paired drop has σ_drop = √(discordant)/n. Then re-score and re-profile on the accepted model; otherwise halve the step and retry
    from the last accepted plan; below ``min_step`` one move at a time, a rejected single move
    bans its group, and ``patience`` consecutive rejections end the search.
 
@@ -111,47 +111,36 @@ def paired_sigma(pred: np.ndarray, base_pred: np.ndarray, labels: np.ndarray | N
 
 
 class DropEstimate:
-    """Low-variance estimate of the top-1 drop of a candidate on the search images.
+    """Selection-robust estimate of a candidate's top-1 drop, used for the accept decision.
 
-    The raw paired drop ``(b − c)/n`` (b: images the original gets right and the candidate
-    wrong, c: the reverse) has standard error ``√(b + c)/n`` — on 250 images about 1-2 points,
-    and a search that accepts steps on it selects favourable noise step after step. Instead:
+    The raw paired drop on the search images, ``(b − c)/n`` (b: images the original model gets
+    right and the candidate wrong, c: the reverse), has standard error ``√(b + c)/n`` and, worse,
+    a search that accepts step after step on it selects favourable noise: the accepted models
+    look good on exactly those images. Measured on the shared models (changed predictions d,
+    ratio γ = net harmful flips / d):
 
-        drop ≈ γ · d/n,    γ = Σ(b − c) / Σ d   pooled over *every* candidate evaluated so far
+        MobileNetV3-Small, 250 search images: search γ = −0.11, held-out γ = +0.50 (drop 10.4)
+        CIFAR ResNet-56, 2000 search images:  search γ = +0.11, held-out γ = +0.31 (drop 1.3)
 
-    with d the candidate's number of changed predictions (label-free, nearly noise-free as a
-    rate) and γ the pooled share of net harmful flips among changed predictions. Pooling over
-    all evaluations (accepted or not) removes the per-step selection. γ is shrunk towards a
-    conservative prior (``prior`` = 0.5, worth ``max(20, 2 % of n)`` changed predictions), so a
-    search set that happens to favour the first candidates cannot make γ ≈ 0. Variance:
-    ``γ²·d + d²·Σ(b + c)/(Σd)²`` (over n²). Without labels the metric is agreement and the drop
-    is the disagreement itself (γ = 1, σ = √d/n).
+    so a γ learned from the search images' labels is biased towards zero. The estimate uses
+    only the label-free share of changed predictions, which noise and selection barely move,
+    with a fixed conservative ratio ``γ₀`` (option ``flip_ratio``, default 0.5)::
+
+        drop ≈ γ₀ · d/n,   σ = γ₀ · √d / n
+
+    The raw drop (and its σ) must pass the budget too and is recorded for every step. Without
+    labels the metric is agreement and the drop is the disagreement itself (γ₀ = 1).
     """
 
-    def __init__(self, labeled: bool, prior: float = 0.5):
+    def __init__(self, labeled: bool, ratio: float = 0.5):
         self.labeled = labeled
-        self.prior = prior
-        self.net = 0.0      # Σ (b − c)
-        self.flips = 0.0    # Σ (b + c)
-        self.changed = 0.0  # Σ d
+        self.ratio = ratio if labeled else 1.0
 
     def add(self, pred: np.ndarray, base_pred: np.ndarray, labels: np.ndarray | None) -> dict:
         n = max(1, len(pred))
         d = float(np.sum(pred != base_pred))
-        if not self.labeled:
-            return {"drop_est": 100.0 * d / n, "sigma_est": 100.0 * math.sqrt(d) / n, "changed": d / n,
-                    "flip_ratio": 1.0}
-        b = float(np.sum((base_pred == labels) & (pred != labels)))
-        c = float(np.sum((base_pred != labels) & (pred == labels)))
-        self.net += b - c
-        self.flips += b + c
-        self.changed += d
-        weight = max(20.0, 0.02 * n)
-        pooled = self.changed + weight
-        gamma = min(1.0, max(self.net + self.prior * weight, 0.0) / pooled)
-        var = gamma * gamma * d + d * d * (self.flips + weight) / pooled ** 2
-        return {"drop_est": 100.0 * gamma * d / n, "sigma_est": 100.0 * math.sqrt(var) / n,
-                "changed": d / n, "flip_ratio": gamma}
+        return {"drop_est": 100.0 * self.ratio * d / n, "sigma_est": 100.0 * self.ratio * math.sqrt(d) / n,
+                "changed": d / n, "flip_ratio": self.ratio}
 
 
 def heldout_top1(ctx, info: dict, protos: list[onnx.ModelProto]) -> tuple[float, ...]:
@@ -508,7 +497,8 @@ class Prune(Pass):
     options = {"step": 0.06, "min_step": 0.015, "max_steps": 40, "search_images": 0, "recon_images": 384,
                "recon_rows": 8192, "recon_mode": "sequential", "score_images": 64, "confidence": 1.0,
                "min_keep": 0.125, "chunk": 0.125, "reconstruct": "auto", "rescore_every": 3, "time_limit": 0.0,
-               "latency_runs": 30, "patience": 6, "scores": "auto"}
+               "latency_runs": 30, "patience": 6, "scores": "auto",
+               "flip_ratio": 0.5}
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -633,7 +623,7 @@ class Prune(Pass):
         accepted_steps = 0
         rejected: list[dict] = []
         misses = 0
-        estimator = DropEstimate(search_y is not None)
+        estimator = DropEstimate(search_y is not None, float(cfg["flip_ratio"]))
         rounds = 0
         while steps < int(cfg["max_steps"]) and misses < int(cfg["patience"]) and rounds < 10 * int(cfg["max_steps"]):
             rounds += 1
@@ -657,7 +647,8 @@ class Prune(Pass):
             est = estimator.add(pred, base_pred, search_y)
             timing = lat.compare({"original": m0, "candidate": recon}, runs=int(cfg["latency_runs"]))
             speedup = timing["original"]["median_ms"] / timing["candidate"]["median_ms"]
-            ok = est["drop_est"] + float(cfg["confidence"]) * est["sigma_est"] <= budget + 1e-9
+            z = float(cfg["confidence"])
+            ok = (est["drop_est"] + z * est["sigma_est"] <= budget + 1e-9) and (drop + z * sigma <= budget + 1e-9)
             removed = sum(groups.group(g).channels - len(k) for g, k in candidate.items())
             entry = {"step": steps, "accepted": ok, "channels_removed": int(removed), "groups_pruned": len(candidate),
                      "moves": [{"group": g, "kept": len(k), "cost": round(c, 6), "saving_us": round(sv, 2)}

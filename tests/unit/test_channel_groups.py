@@ -13,7 +13,7 @@ from hqpc.compiler import CompileOptions, compile_model
 from hqpc.ir import Model
 from hqpc.passes.channel_groups import analyze, reshape_rule
 from tests.conftest import REPO
-from tests.unit.prune_patterns import PATTERNS, build
+from tests.unit.test_prune_patterns import PATTERNS, build
 
 SHARED = ["cifar10_resnet20", "cifar10_resnet56", "mobilenet_v2", "mobilenet_v3_small"]
 

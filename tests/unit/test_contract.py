@@ -81,7 +81,7 @@ def test_met_budget_keeps_the_compiled_model(setup):
 def test_broken_budget_walks_back_to_pruned_float(setup):
     """Pipeline model breaks the budget; the pruned float snapshot is within it: emitted, said plainly."""
     w, data, path = setup
-    result, options = compiled(path, data, max_drop=5.0, contract_retry=False)
+    result, options = compiled(path, data, max_drop=5.0)
     cleaned, pruned, broken = Model.load(str(path)), perturbed(w, 0.05), perturbed(w, 3.0, seed=2)
     result.model = broken
     c = C.enforce_contract(result, options, snapshots=snapshots(cleaned, pruned, specs=()))
@@ -121,8 +121,15 @@ def test_everything_over_budget_falls_back_to_cleanup(setup, monkeypatch):
     monkeypatch.setattr(C, "_recompile", lambda model, opts, specs, max_drop, log, level=None: broken.copy())
     c = C.enforce_contract(result, options, snapshots=snapshots(cleaned, pruned))
     names = [a["candidate"] for a in c["actions"]]
-    assert names[-1] == "cleaned-fp32" and "pruned-fp32" in names and "quantized-unpruned" in names
-    assert "recompile-tighter" in names
+    # no requantize: pruning alone already breaks a budget of 0
+    assert names == ["pruned-fp32", "quantized-unpruned", "quantized-unpruned-tighter", "cleaned-fp32"]
+    result.model = broken
+    c = C.enforce_contract(result, options, snapshots=snapshots(cleaned, pruned))
+    assert "recompile-tighter" not in [a["candidate"] for a in c["actions"]]  # off by default
+    result.model = broken
+    options.extra["contract_retry"] = True
+    c = C.enforce_contract(result, options, snapshots=snapshots(cleaned, pruned))
+    assert "recompile-tighter" in [a["candidate"] for a in c["actions"]]
     assert c["emitted"] == "cleaned-fp32" and c["drop"] == 0.0 and c["met"]
     assert all(not a["within_budget"] for a in c["actions"][:-1])
 

@@ -19,7 +19,7 @@ from hqpc.passes.channel_groups import analyze
 from hqpc.passes.prune_channels import (PlanError, apply_plan, magnitude_plan, masked_model, normalize_plan,
                                         parse_plan, round_keep)
 from hqpc.runtime.ort import random_feeds, run
-from tests.unit.prune_patterns import PATTERNS, build, random_plan
+from tests.unit.test_prune_patterns import PATTERNS, build, random_plan
 
 SHARED = ["cifar10_resnet20", "cifar10_resnet56", "mobilenet_v2", "mobilenet_v3_small"]
 

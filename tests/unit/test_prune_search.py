@@ -40,6 +40,7 @@ def test_search_on_digits_stays_within_budget():
                 "sigma", "drop_est", "sigma_est", "changed", "flip_ratio", "moves"} <= set(entry)
         if entry["accepted"]:
             assert entry["drop_est"] + entry["sigma_est"] <= 2.0 + 1e-3
+            assert entry["drop"] + entry["sigma"] <= 2.0 + 1e-3
     if prune.modified:
         assert prune.checks["guard"]["ok"]
         multiple = load_target("cpu").channel_multiple
@@ -109,27 +110,18 @@ def test_fisher_scores_follow_the_annotation_contract():
     assert fisher_scores(groups, {}, {}, [group.id]) is None
 
 
-def test_drop_estimate_pools_flips():
+def test_drop_estimate_uses_changed_predictions():
     from hqpc.passes.prune_search import DropEstimate
 
-    labels = np.zeros(100, int)
-    base = np.zeros(100, int)
-    est = DropEstimate(labeled=True)    # prior ratio 0.5 worth 20 changed predictions
-    first = np.zeros(100, int)
-    first[:10] = 1                      # 10 changed predictions, all harmful: raw drop 10
-    out = est.add(first, base, labels)
-    assert out["flip_ratio"] == pytest.approx((10 + 10) / 30) and out["drop_est"] == pytest.approx(10 * 20 / 30)
-    second = np.zeros(100, int)
-    second[:4] = 1                      # 4 changed: estimate uses the pooled ratio
-    out = est.add(second, base, labels)
-    assert out["flip_ratio"] == pytest.approx(24 / 34) and out["changed"] == pytest.approx(0.04)
-    lucky = DropEstimate(labeled=True)
-    better = np.zeros(100, int)
-    labels_b = np.ones(100, int)
-    better[:3] = 1                      # 3 changed, all fixed mistakes: raw drop -3
-    assert lucky.add(better, base, labels_b)["flip_ratio"] == pytest.approx((10 - 3) / 23)
-    unlabeled = DropEstimate(labeled=False).add(second, base, None)
-    assert unlabeled["drop_est"] == pytest.approx(4.0) and unlabeled["sigma_est"] == pytest.approx(2.0)
+    labels = np.ones(100, int)
+    base = np.zeros(100, int)           # the original model is wrong everywhere ...
+    pred = np.zeros(100, int)
+    pred[:16] = 1                       # ... and the candidate fixes 16 images: raw drop -16
+    out = DropEstimate(labeled=True).add(pred, base, labels)
+    assert out["drop_est"] == pytest.approx(8.0) and out["sigma_est"] == pytest.approx(2.0)
+    assert out["changed"] == pytest.approx(0.16)
+    unlabeled = DropEstimate(labeled=False).add(pred, base, None)
+    assert unlabeled["drop_est"] == pytest.approx(16.0) and unlabeled["sigma_est"] == pytest.approx(4.0)
 
 
 def test_paired_sigma():

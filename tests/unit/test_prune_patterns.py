@@ -1,4 +1,5 @@
-"""Generated graphs of every channel-coupling pattern, for the channel-group and pruning tests.
+"""Generated graphs of every channel-coupling pattern, for the channel-group and pruning tests
+(a helper module: it defines no tests itself).
 
 ``build(kind, rng)`` returns a small float32 ONNX model (ir_version 8, opset 17, input "x"
 [2, 3, 8, 8], one output) whose channel counts are drawn from ``rng``.
