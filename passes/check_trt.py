@@ -17,8 +17,9 @@ Rules (TensorRT 10/11, strongly typed networks):
 ``residual-add``       an Add of two activations, one of them the output of an INT8 layer,
                        reads *both* inputs through DequantizeLinear (so TensorRT fuses the add
                        into the convolution)
-``pool-commute``       no QuantizeLinear right after a pooling op whose input is already
-                       dequantized: the pool commutes with DQ, the second Q/DQ only adds error
+``pool-commute``       no QuantizeLinear right after a max pool whose input is already
+                       dequantized: max pooling commutes with DQ, the second Q/DQ only adds
+                       error (not average pools: DQ→AveragePool→Q is TensorRT's INT8 pool)
 ``bias-float``         biases of Conv/ConvTranspose/Gemm are float tensors, not DQ(int32)
                        (TensorRT's ONNX parser rejects them)
 ``symmetric``          every Q/DQ zero point is 0 and of a signed type (int8 / int4): TensorRT
@@ -44,7 +45,7 @@ RULES = {
     "qdq-inputs": "quantized layers read their activation inputs through DequantizeLinear",
     "qdq-weights": "a layer with a dequantized activation input has a dequantized weight",
     "residual-add": "a residual Add fed by an INT8 layer reads both inputs through DequantizeLinear",
-    "pool-commute": "no QuantizeLinear right after a pooling op whose input is already dequantized",
+    "pool-commute": "no QuantizeLinear right after a max pool whose input is already dequantized",
     "bias-float": "Conv/ConvTranspose/Gemm biases are float, not DequantizeLinear(int32)",
     "symmetric": "Q/DQ zero points are 0 and signed (int8/int4)",
     "weight-axis": "weight DQ per-tensor or per-channel on axis 0 (MatMul: last axis); blocked only on Gemm/MatMul",
@@ -53,6 +54,9 @@ RULES = {
 }
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+# DQ commutes with max pooling only; DQ→AveragePool→Q is TensorRT's INT8 average pool, and the
+# requantization after an average pool is needed (the mean of grid values is off the grid)
+COMMUTING_POOLS = ("MaxPool", "GlobalMaxPool")
 TRT_TARGETS = ("orin", "xavier", "t4", "rtx")
 SIGNED = (TensorProto.INT8, TensorProto.INT4, TensorProto.INT16)
 
@@ -76,6 +80,13 @@ def lint(proto: onnx.ModelProto) -> dict:
         p = producer(name)
         return p is not None and p.op_type == "DequantizeLinear"
 
+    def act_is_dq(name: str) -> bool:
+        # TensorRT propagates DQ forward through max pools (DQ→MaxPool→Conv is an INT8 conv)
+        p, hops = producer(name), 0
+        while p is not None and p.op_type in COMMUTING_POOLS and p.input and hops < 8:
+            p, hops = producer(p.input[0]), hops + 1
+        return p is not None and p.op_type == "DequantizeLinear"
+
     def const(name: str):
         return index.constant(name) if name else None
 
@@ -92,7 +103,7 @@ def lint(proto: onnx.ModelProto) -> dict:
             continue
         wdq = weight_dq(node)
         acts = [0] if node.op_type != "MatMul" or const(node.input[1]) is not None or wdq is not None else [0, 1]
-        act_dq = [is_dq(node.input[i]) for i in acts]
+        act_dq = [act_is_dq(node.input[i]) for i in acts]
         if wdq is not None:
             weight_only = blocked(wdq) and node.op_type in ("Gemm", "MatMul")
             if weight_only:
@@ -128,7 +139,7 @@ def lint(proto: onnx.ModelProto) -> dict:
                 missing = [n for n in node.input if not is_dq(n)]
                 report(node, "residual-add", None if not missing else
                        f"residual Add of an INT8 layer: input '{missing[0]}' is not dequantized")
-        if node.op_type in POOLS and is_dq(node.input[0]):
+        if node.op_type in COMMUTING_POOLS and is_dq(node.input[0]):
             readers = index.consumers.get(node.output[0], [])
             q = [r for r in readers if r.op_type == "QuantizeLinear"]
             report(node, "pool-commute", None if not q else

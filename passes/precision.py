@@ -25,6 +25,17 @@ predicted loss increase subject to the target's budgets (see :mod:`precision_sol
   200 runs); a plan that keeps layers float for speed must be measurably faster.
   Without labels the check is skipped (recorded).
 
+Reproducibility (``cpu``): the latency profile and the end-to-end timing are measurements, and
+on a shared machine they differ from run to run by more than the margins the plan is decided
+on, so two compiles of the same input could choose different plans (and always stored different
+numbers in the model's ``hqpc.precision`` metadata). Each timing is therefore taken once per
+(models, inputs, settings, processor, ONNX Runtime version) and kept in a measurement cache
+(:func:`cached_measurement`; ``~/.cache/hqpc/measurements``, ``$HQPC_MEASURE_CACHE``, option
+``measure_cache=auto|off|FOLDER``); later compiles reuse it, so the same input and seed give the
+same bytes on the same machine. ``annotations["precision"]["measurements"]`` names each
+timing used (cache key, UTC time taken); the log says whether it was measured or reused. The
+solvers' wall times go to the log only. Other targets use the cost model and need no cache.
+
 Scores (``score_source``): the Fisher-predicted loss increase from ``annotate-sensitivity`` —
 ``annotations["sensitivity"]["tensors"][tensor][precision]`` for the weight and the input
 activation, summed — when that annotation is present. Otherwise a clearly labelled *measured
@@ -47,14 +58,19 @@ Annotation contract::
       "budgets": {"latency_ms", "size_bytes", "accuracy_pt", "latency_slack"},
       "predicted": {"loss", "latency_ms", "size_bytes"}, "int8_size_bytes", "fp32_latency_ms",
       "scores": {node: {precision: loss}}, "latency": {node: {precision: ms}}, "latency_source",
-      "solvers": {name: {...}}, "accuracy_check": {...}}
+      "solvers": {name: {...}}, "accuracy_check": {...}, "end_to_end": {...},
+      "measurements": {"latency_profile" | "end_to_end": {"key", "measured_at"}}}
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
 import tempfile
+import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -114,12 +130,13 @@ class AssignPrecision(Pass):
     info = PassInfo("assign-precision", opt_level=2, requires=("calibrate",), analysis=True,
                     description="mixed-precision plan: min predicted loss under latency/size/accuracy budgets")
     options = {"solver": "milp", "latency_slack": 0.05, "check_accuracy": True, "scores": "auto",
-               "verify_latency": True}
+               "verify_latency": True, "measure_cache": "auto"}
 
     def run(self, model, ctx) -> bool:
         calib = model.annotations.get("calibration")
         if not calib:
             raise ValueError("assign-precision needs annotations['calibration'] (run calibrate first)")
+        self._measurements: dict[str, dict] = {}
         graph = model.proto.graph
         index = GraphIndex.build(graph)
         shapes = ShapeTable(model.proto)
@@ -206,10 +223,17 @@ class AssignPrecision(Pass):
             "int8_size_bytes": _r(int8_bytes), "fp32_latency_ms": _r(fp32_ms), "int8_latency_ms": _r(base_ms),
             "scores": {u: {p: _r(v) for p, v in scores[u].items()} for u in names},
             "latency": {u: {p: _r(v) for p, v in latency[u].items()} for u in names}, "latency_source": lat_source,
-            "solvers": {k: v.as_dict() for k, v in solutions.items()},
+            "solvers": {k: {f: v for f, v in sol.as_dict().items() if f != "wall_s"} for k, sol in solutions.items()},
             "accuracy_check": {"final": check, "history": history},
             "end_to_end": e2e,
+            "measurements": dict(self._measurements),
         }
+        ctx.log("assign-precision: solver wall time " + ", ".join(f"{k} {sol.wall_s * 1e3:.1f} ms"
+                                                                  for k, sol in solutions.items()))
+        for kind, m in self._measurements.items():
+            ctx.log(f"assign-precision: {kind} {'reused from the measurement cache' if m.get('reused') else 'measured'}"
+                    f" ({m['measured_at']}, key {m['key']})")
+            m.pop("reused", None)
         counts = defaultdict(int)
         for p in plan.values():
             counts[p] += 1
@@ -268,7 +292,9 @@ class AssignPrecision(Pass):
     # ----------------------------------------------------------------- latency
     def _latency(self, model, ctx, units, options, calib, backend, shapes, index):
         if backend == "onnxruntime":
-            return measured_latency(model, ctx, units, options, calib, shapes, index)
+            return measured_latency(model, ctx, units, options, calib, shapes, index,
+                                    cache=measurement_cache_dir(self.config["measure_cache"]),
+                                    record=self._measurements)
         return cost_model_latency(model, ctx.target, units, options, shapes, index)
 
     # ----------------------------------------------------------------- sizes
@@ -323,7 +349,10 @@ class AssignPrecision(Pass):
         for key, p in (("plan", plan), ("all_int8", base_plan)):
             models[key] = P.build_qdq(model, p, calib, "onnxruntime")[0].proto
         feeds = next(iter(calibration_batches(model, ctx, 1, batch=1)))
-        timing = compare(models, runs=200, warmup=10, feeds=feeds)
+        timing = cached_measurement(
+            measurement_cache_dir(self.config["measure_cache"]), "end_to_end",
+            [models["plan"], models["all_int8"]], feeds, {"runs": 200, "warmup": 10},
+            lambda: compare(models, runs=200, warmup=10, feeds=feeds), self._measurements)
         # decisions use the minimum over interleaved runs: on a loaded machine the median mostly
         # measures the load, the minimum the model
         plan_ms, base_ms = timing["plan"]["min_ms"], timing["all_int8"]["min_ms"]
@@ -446,6 +475,88 @@ def single_unit_placement(model, index, node, precision: str, calib, backend) ->
     return placement
 
 
+# --------------------------------------------------------------------------- measurement cache
+MEASURE_CACHE_ENV = "HQPC_MEASURE_CACHE"
+
+
+def measurement_cache_dir(option: str = "auto") -> Path | None:
+    """Folder of the measurement cache: the pass option ``measure_cache`` (``auto``, ``off`` or a
+    folder), else ``$HQPC_MEASURE_CACHE`` (a folder, or ``off``), else
+    ``$XDG_CACHE_HOME/hqpc/measurements`` (``~/.cache/hqpc/measurements``)."""
+    option = str(option or "auto")
+    env = os.environ.get(MEASURE_CACHE_ENV, "")
+    if option.lower() == "off" or (option.lower() == "auto" and env.lower() == "off"):
+        return None
+    if option.lower() not in ("auto", "on"):
+        return Path(option)
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hqpc" / "measurements"
+
+
+def machine_signature() -> dict:
+    """What a CPU latency measurement depends on besides the models: processor, ORT version."""
+    import onnxruntime as ort
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "machine": platform.machine(), "onnxruntime": ort.__version__, "threads": 1}
+
+
+def cached_measurement(folder: Path | None, kind: str, protos: list, feeds: dict, settings: dict, compute,
+                       record: dict | None = None):
+    """``compute()`` (a timing), or the result of the same timing taken earlier on this machine.
+
+    Timings on a CPU vary from run to run, and a plan chosen from them would make the compiled
+    model differ between two compiles of the same input. The first measurement of a given
+    (models, inputs, settings, processor, ONNX Runtime version) is stored as JSON in ``folder``
+    and reused afterwards, so the same input and seed give the same bytes on the same machine;
+    the annotation names the measurement (key and UTC time it was taken). Delete the folder, set
+    ``HQPC_MEASURE_CACHE=off`` or ``assign-precision{measure_cache=off}`` to measure afresh."""
+    h = hashlib.sha256()
+    h.update(kind.encode())
+    for proto in protos:
+        h.update(hashlib.sha256(proto.SerializeToString(deterministic=True)).digest())
+    for name in sorted(feeds):
+        value = np.ascontiguousarray(feeds[name])
+        h.update(name.encode() + str(value.dtype).encode() + str(value.shape).encode() + value.tobytes())
+    h.update(json.dumps({"settings": settings, "machine": machine_signature()}, sort_keys=True).encode())
+    key = h.hexdigest()[:24]
+    path = folder / f"{kind}-{key}.json" if folder is not None else None
+    if path is not None and path.is_file():
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            if record is not None:
+                record[kind] = {"key": key, "measured_at": stored["measured_at"], "reused": True}
+            return stored["value"]
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable entry: measure again and overwrite it
+    value = compute()
+    measured_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if record is not None:
+        record[kind] = {"key": key, "measured_at": measured_at, "reused": False}
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"kind": kind, "measured_at": measured_at, "machine": machine_signature(),
+                                       "settings": settings, "value": value}), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache folder only costs reproducibility, not correctness
+        # the stored form (JSON: tuples become lists) is what a reused run sees; return the same
+        return json.loads(json.dumps(value))
+    return value
+
+
 # --------------------------------------------------------------------------- latency
 def profile_times(protos: list[onnx.ModelProto], feeds: dict, runs: int = PROFILE_RUNS):
     """Per-node kernel times (ms) of several models, profiled *interleaved* (run i of every
@@ -565,12 +676,16 @@ def unit_groups(model, units, index) -> dict[str, str]:
     return group
 
 
-def measured_latency(model, ctx, units, options, calib, shapes, index):
+def measured_latency(model, ctx, units, options, calib, shapes, index, cache: Path | None = None,
+                     record: dict | None = None):
     feeds = next(iter(calibration_batches(model, ctx, 1, batch=1)))
     all_names = [n.name for n in model.proto.graph.node]
     group = unit_groups(model, units, index)
     qmodel, _ = P.build_qdq(model, {n.name: "int8" for n in units}, calib, "onnxruntime")
-    (fp_times, _), (q_times, q_info) = profile_times([model.proto, qmodel.proto], feeds)
+    protos = [model.proto, qmodel.proto]
+    (fp_times, _), (q_times, q_info) = cached_measurement(
+        cache, "latency_profile", protos, feeds, {"runs": PROFILE_RUNS},
+        lambda: profile_times(protos, feeds), record)
     fp_unit, fp_rest = _attribute(fp_times, all_names, group)
     q_unit, q_rest = _attribute(q_times, all_names, group)
     # boundary cost per element: Q + DQ + a layout Transpose, each measured per element in the
@@ -591,7 +706,8 @@ def measured_latency(model, ctx, units, options, calib, shapes, index):
     edges = unit_edges(model, units, shapes, index, per_elem, fixed_ms=BOUNDARY_FIXED_MS)
     fp32_total = sum(fp_times.values())
     return latency, (f"measured: ORT profiler, 1 thread, batch 1, float and all-int8 models interleaved, "
-                     f"median of {PROFILE_RUNS} runs; boundary {per_elem * 1e6:.2f} ns/element"), edges, fp32_total
+                     f"per-kernel minimum of {PROFILE_RUNS} runs scaled to the end-to-end minimum; "
+                     f"boundary {per_elem * 1e6:.2f} ns/element"), edges, fp32_total
 
 
 def unit_edges(model, units, shapes, index, per_elem_ms: float, fixed_ms: float = 0.0) -> list[tuple[int, int, float]]:

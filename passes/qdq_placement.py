@@ -12,7 +12,8 @@ Not a pass: ``insert-qdq`` (passes/qdq.py) drives it. Three steps:
 3. **Reference** (:func:`reference_model`): the *input* graph fake-quantized with the same
    scales, built straight from the placement by separate code: a QuantizeLinear→
    DequantizeLinear pair on every quantized activation (at the same readers), weights and int32
-   biases through DequantizeLinear nodes made from the codes, FP16 points through Cast→Cast —
+   biases through DequantizeLinear nodes made from the codes, FP16 layers as FP16-typed layers
+   (Cast to float16 on their activation inputs, FP16 weights and bias, Cast back to float) —
    and none of the emission's rewrites (no absorbed Relu/Clip, no scalar folded into a scale, no
    HardSigmoid-as-Add, no fence, no int4 Cast, no Gemm transposition). ONNX Runtime then runs
    the same float kernels on both sides at the guard's optimization level, so a correct
@@ -54,8 +55,10 @@ TensorRT (backend ``tensorrt``, e.g. ``orin``) placement
 --------------------------------------------------------
 Explicit quantization as TensorRT's optimizer expects it: Q/DQ on the *inputs* of
 Conv/ConvTranspose/Gemm/MatMul (never after them), on both inputs of a residual Add fed by a
-quantized layer (so the add fuses into the conv), on a pooling op's *input* rather than its
-output when the pooled tensor feeds a quantized layer (pooling commutes with DQ), weights as
+quantized layer (so the add fuses into the conv), on a max pool's *input* rather than its
+output when the pooled tensor feeds a quantized layer (max pooling commutes with DQ; average
+pooling does not: TensorRT fuses DQ→AveragePool→Q into an INT8 pool, and a Conv behind an
+average pool over a DQ without its own Q/DQ stays FP32), weights as
 int8 initializers behind a per-channel DQ on axis 0 (Gemm is normalised to transB=1; MatMul
 weights use their output axis), biases left float (TensorRT's ONNX parser rejects int32
 biases behind DequantizeLinear), symmetric int8 with zero point 0 and strictly positive scales.
@@ -81,6 +84,9 @@ ORT_TRANSPARENT = ("MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Tra
                    "Expand", "Tile")
 ACTIVATIONS = ("Relu", "Clip")
 POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool")
+# pools TensorRT commutes with DQ (the max of grid values is on the grid); an average pool is a
+# *quantizable* layer instead (DQ→AvgPool→Q fuses into an INT8 pool): its output is requantized
+COMMUTING_POOLS = ("MaxPool", "GlobalMaxPool")
 FENCE_OPS = ("Conv", "ConvTranspose", "Gemm")
 INT4_BLOCK = 32
 CPU_INT4_BLOCK = 64
@@ -456,9 +462,11 @@ def _place_trt(graph, index, shapes, plan, calib, placement: Placement, conventi
     need: dict[str, list[tuple[str, int]]] = defaultdict(list)
 
     def request(name: str, reader: str, pos: int) -> None:
-        # pooling commutes with DQ: quantize the pooling op's input instead of its output
+        # max pooling commutes with DQ: quantize the pooling op's input instead of its output.
+        # Not average pooling: TensorRT(-RTX) then runs the reading Conv in FP32 ("int8-weights",
+        # measured on mobilenet_v2's Logits conv and mobilenet_v3_small's squeeze-excite convs)
         producer = index.producer.get(name)
-        if (producer is not None and producer.op_type in POOLS and len(index.consumers.get(name, [])) == 1
+        if (producer is not None and producer.op_type in COMMUTING_POOLS and len(index.consumers.get(name, [])) == 1
                 and name not in index.outputs and _is_float(shapes, producer.input[0])):
             need[producer.input[0]].append((producer.name, 0))
             return
@@ -605,7 +613,7 @@ def emit(model, placement: Placement) -> dict:
     # FP16 layers: Cast in, Cast out
     for node in list(graph.node):
         if placement.domain.get(node.name) == "H":
-            _emit_fp16(b, node, index)
+            _emit_fp16(b, node, index, shapes, placement.weights.get(node.name))
     graph.node.extend(b.nodes)
     toposort(graph)
     stats = simplify(graph)
@@ -631,9 +639,9 @@ def _input_scale(node: onnx.NodeProto, graph_nodes: dict[str, onnx.NodeProto], b
 def _emit_weight(b: _Builder, node, spec: WeightSpec, placement: Placement, model, index) -> None:
     base = node.input[1]
     if spec.precision == "fp16":
-        node.input[1] = b.init(f"{base}_fp16", index.constant(base).astype(np.float16))
+        node.input[1] = b.init(f"{base}_fp16", Q.fp16_round(index.constant(base)).astype(np.float16))
         if spec.bias is not None:
-            node.input[2] = b.init(f"{node.input[2]}_fp16", spec.bias.astype(np.float16))
+            node.input[2] = b.init(f"{node.input[2]}_fp16", Q.fp16_round(spec.bias).astype(np.float16))
         return
     wq = spec.wq
     zeros = wq.zero_points.astype(Q.NUMPY_STORAGE[wq.dtype])
@@ -682,11 +690,32 @@ def _emit_weight(b: _Builder, node, spec: WeightSpec, placement: Placement, mode
             node.input[2] = b.init(f"{node.input[2]}_corrected", spec.bias.astype(np.float32))
 
 
-def _emit_fp16(b: _Builder, node, index) -> None:
-    x = node.input[0]
-    h = b.names(f"{x}_fp16")
-    b.node("Cast", [x], [h], f"{x}_to_fp16", to=TensorProto.FLOAT16)
-    node.input[0] = h
+def _fp16_stored(spec: WeightSpec | None) -> set[int]:
+    """Input positions of an FP16 layer stored as FP16 initializers by its weight spec."""
+    if spec is None:
+        return set()
+    return {1, 2} if spec.bias is not None else {1}
+
+
+def _fp16_input(index: GraphIndex, shapes: ShapeTable, name: str) -> bool:
+    """A float32 activation input of an FP16 layer (to be cast to FP16): not a constant (its
+    weights and bias are stored as FP16 by the weight spec)."""
+    if index.constant(name) is not None and name not in index.inputs:
+        return False
+    elem = shapes.elem_type(name)
+    return elem in (None, TensorProto.FLOAT)
+
+
+def _emit_fp16(b: _Builder, node, index, shapes: ShapeTable, spec: WeightSpec | None) -> None:
+    """Cast every float activation input of an FP16 layer to FP16 (TensorRT's strongly typed
+    network takes the layer's precision from its input types) and its output back to FP32."""
+    stored = _fp16_stored(spec)
+    for pos, x in enumerate(node.input):
+        if not x or pos in stored or not _fp16_input(index, shapes, x):
+            continue
+        h = b.names(f"{x}_fp16")
+        b.node("Cast", [x], [h], f"{x}_to_fp16", to=TensorProto.FLOAT16)
+        node.input[pos] = h
     out = node.output[0]
     raw = b.names(f"{out}_fp16")
     node.output[0] = raw
@@ -972,7 +1001,9 @@ def reference_model(before, placement: Placement):
         w = index.constant(node.input[1])
         base = node.input[1]
         if spec.precision == "fp16":
-            node.input[1] = const(f"{base}_fq", Q.fp16_round(w))
+            # an FP16-typed initializer, as the target's layer reads it (see the FP16 loop below)
+            node.input[1] = names(f"{base}_fq")
+            graph.initializer.append(numpy_helper.from_array(Q.fp16_round(w).astype(np.float16), node.input[1]))
         else:
             # weights through a DequantizeLinear built here from the codes (not the emitted
             # graph): ORT then runs the same float kernels on both sides, so the comparison is
@@ -1008,21 +1039,34 @@ def reference_model(before, placement: Placement):
                 bd = names(f"{node.input[2]}_fq")
                 new_nodes.append(helper.make_node("DequantizeLinear", [bc, bs], [bd], name=names(f"{node.input[2]}_ref_DQ"), axis=0))
                 node.input[2] = bd
+            elif spec.precision == "fp16":
+                node.input[2] = names(f"{node.input[2]}_fq")
+                graph.initializer.append(numpy_helper.from_array(Q.fp16_round(spec.bias).astype(np.float16), node.input[2]))
             else:
-                bias = Q.fp16_round(spec.bias) if spec.precision == "fp16" else spec.bias
-                node.input[2] = const(f"{node.input[2]}_fq", bias.astype(np.float32))
+                node.input[2] = const(f"{node.input[2]}_fq", spec.bias.astype(np.float32))
+    # FP16 layers are FP16-typed layers here too: Cast(float16) on every float activation input,
+    # FP16 weights and bias, Cast(float) on the output. Not "Cast→Cast around a float layer":
+    # ONNX Runtime's CPU provider has no FP16 Conv/Gemm kernel, so its mandatory
+    # InsertCastTransformer wraps an FP16 layer in FP16→FP32 casts and then removes each
+    # Cast(FP32→FP16)→Cast(FP16→FP32) pair it created as "precision free", at every optimization
+    # level: it runs the layer in FP32 on unrounded activations. A float layer between explicit
+    # Cast pairs keeps the rounding, so the two differed by FP16 rounding that the INT8 layers
+    # behind it amplified (resnet20 on orin with an FP16 first conv: max abs 0.33 on the logits).
+    # With the same FP16 layer on both sides ORT runs the same kernels, as for Q/DQ.
+    shapes_now = ShapeTable(ref.proto)
     for node in list(graph.node):
         if placement.domain.get(node.name) == "H":
-            x = node.input[0]
-            a, c = names(f"{x}_h"), names(f"{x}_h32")
-            new_nodes.append(helper.make_node("Cast", [x], [a], name=names(f"{x}_to16"), to=TensorProto.FLOAT16))
-            new_nodes.append(helper.make_node("Cast", [a], [c], name=names(f"{x}_to32"), to=TensorProto.FLOAT))
-            node.input[0] = c
+            stored = _fp16_stored(placement.weights.get(node.name))
+            for pos, x in enumerate(node.input):
+                if not x or pos in stored or not _fp16_input(index, shapes_now, x):
+                    continue
+                a = names(f"{x}_h")
+                new_nodes.append(helper.make_node("Cast", [x], [a], name=names(f"{x}_to16"), to=TensorProto.FLOAT16))
+                node.input[pos] = a
             out = node.output[0]
-            raw, h = names(f"{out}_raw"), names(f"{out}_h")
+            raw = names(f"{out}_h")
             node.output[0] = raw
-            new_nodes.append(helper.make_node("Cast", [raw], [h], name=names(f"{out}_to16"), to=TensorProto.FLOAT16))
-            new_nodes.append(helper.make_node("Cast", [h], [out], name=names(f"{out}_to32"), to=TensorProto.FLOAT))
+            new_nodes.append(helper.make_node("Cast", [raw], [out], name=names(f"{out}_to32"), to=TensorProto.FLOAT))
     graph.node.extend(new_nodes)
     toposort(graph)
     remove_unused_initializers(graph)

@@ -479,6 +479,16 @@ class _GraphIndex:
         node = self.producer.get(name)
         return node if node is not None and node.op_type == "DequantizeLinear" else None
 
+    def act_dq(self, name: str) -> onnx.NodeProto | None:
+        """The DequantizeLinear an activation comes from, also through max pools: TensorRT
+        propagates DQ forward through them (max of grid values is on the grid), so
+        DQ→MaxPool→Conv runs as an INT8 convolution (measured with TensorRT-RTX)."""
+        seen = 0
+        node = self.producer.get(name)
+        while node is not None and node.op_type in COMMUTING_POOLS and node.input and seen < 8:
+            node, seen = self.producer.get(node.input[0]), seen + 1
+        return node if node is not None and node.op_type == "DequantizeLinear" else None
+
     def dtype(self, name: str) -> int:
         return self.types.get(name, 0)
 
@@ -500,6 +510,9 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
+COMMUTING_POOLS = ("MaxPool", "GlobalMaxPool")
+
+
 def expected_precisions(model: onnx.ModelProto) -> list[NodeExpectation]:
     """For every Conv/ConvTranspose/Gemm/MatMul: the precision the graph asks TensorRT for.
 
@@ -512,7 +525,7 @@ def expected_precisions(model: onnx.ModelProto) -> list[NodeExpectation]:
         if node.op_type not in COMPUTE_OPS or len(node.input) < 2:
             continue
         act, weight = node.input[0], node.input[1]
-        act_dq, w_dq = index.dq(act), index.dq(weight)
+        act_dq, w_dq = index.act_dq(act), index.dq(weight)
         act_q = _ONNX_TO_PRECISION.get(index.dtype(act_dq.input[0])) if act_dq is not None else None
         w_q = _ONNX_TO_PRECISION.get(index.dtype(w_dq.input[0])) if w_dq is not None else None
         w_shape = index.shapes.get(w_dq.input[0]) if w_dq is not None else index.shapes.get(weight)
@@ -548,7 +561,7 @@ def diagnose_node(model: onnx.ModelProto, node_name: str, index: _GraphIndex | N
     node = next((n for n in index.graph.node if n.name == node_name), None)
     if node is None:
         return "trt-precision", "node not found in the graph"
-    act_dq, w_dq = index.dq(node.input[0]), index.dq(node.input[1]) if len(node.input) > 1 else None
+    act_dq, w_dq = index.act_dq(node.input[0]), index.dq(node.input[1]) if len(node.input) > 1 else None
     if act_dq is None or w_dq is None:
         which = "activation input" if act_dq is None else "weight input"
         return "trt-int8-both-inputs", f"its {which} has no DequantizeLinear"

@@ -25,6 +25,22 @@ def pytest_collect_file(parent, file_path):
     return None
 
 
+@pytest.fixture(autouse=True, scope="session")
+def measurement_cache(tmp_path_factory):
+    """Latency measurements that passes reuse (passes/precision.py, ``$HQPC_MEASURE_CACHE``) go
+    to a folder of this session, never to the user's ``~/.cache``; subprocesses inherit it."""
+    import os
+
+    folder = tmp_path_factory.mktemp("measurements")
+    previous = os.environ.get("HQPC_MEASURE_CACHE")
+    os.environ["HQPC_MEASURE_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("HQPC_MEASURE_CACHE", None)
+    else:
+        os.environ["HQPC_MEASURE_CACHE"] = previous
+
+
 @pytest.fixture
 def shared_models() -> Path:
     if not SHARED_MODELS.is_dir():

@@ -107,6 +107,14 @@ def test_allowed_precisions_follow_the_target():
     assert allowed_precisions(orin, "MatMul") == ["int4", "int8", "fp16", "fp32"]
 
 
+@pytest.fixture(autouse=True)
+def _private_measurement_cache(tmp_path, monkeypatch):
+    """Every test gets its own measurement cache (never the user's ~/.cache)."""
+    from hqpc.passes.precision import MEASURE_CACHE_ENV
+
+    monkeypatch.setenv(MEASURE_CACHE_ENV, str(tmp_path / "measurements"))
+
+
 def _run(target: str, size_budget=None, **options):
     model = Model.load(build_model_from_text(MODEL, seed_base="prec"))
     ctx = PassContext(opt_level=2, target=load_target(target), config={"max_drop": 1.0, "size_budget": size_budget})
@@ -147,3 +155,44 @@ def test_fisher_annotation_is_used_when_present(monkeypatch):
     ann = model.annotations["precision"]
     assert ann["score_source"].startswith("annotate-sensitivity")
     assert ann["plan"][convs[0].name] in ("fp16", "fp32")
+
+
+def test_cached_measurement_is_taken_once_per_key(tmp_path):
+    from hqpc.passes.precision import cached_measurement
+
+    proto = build_model_from_text(MODEL, seed_base="prec")
+    feeds = {"x": np.zeros((1, 4), np.float32)}
+    calls = []
+
+    def timing():
+        calls.append(1)
+        return {"model": {"min_ms": 0.1 * len(calls)}}
+
+    record_a, record_b, record_c = {}, {}, {}
+    a = cached_measurement(tmp_path, "end_to_end", [proto], feeds, {"runs": 3}, timing, record_a)
+    b = cached_measurement(tmp_path, "end_to_end", [proto], feeds, {"runs": 3}, timing, record_b)
+    assert a == b == {"model": {"min_ms": 0.1}} and len(calls) == 1
+    assert record_a["end_to_end"]["key"] == record_b["end_to_end"]["key"]
+    assert record_a["end_to_end"]["measured_at"] == record_b["end_to_end"]["measured_at"]
+    assert (record_a["end_to_end"]["reused"], record_b["end_to_end"]["reused"]) == (False, True)
+    # other inputs or settings: a new measurement; no folder: always measured
+    cached_measurement(tmp_path, "end_to_end", [proto], {"x": np.ones((1, 4), np.float32)}, {"runs": 3}, timing, record_c)
+    cached_measurement(tmp_path, "end_to_end", [proto], feeds, {"runs": 4}, timing, record_c)
+    cached_measurement(None, "end_to_end", [proto], feeds, {"runs": 3}, timing, record_c)
+    assert len(calls) == 4
+
+
+def test_cpu_plan_annotation_is_reproducible_with_the_measurement_cache():
+    """cpu: the measured latency decides the plan; with the cache two compiles of the same input
+    store identical annotations (the bytes of the output model), and the annotation names the
+    measurement used. Without it (measure_cache=off) each run measures afresh."""
+    import json
+
+    first = _run("cpu", verify_latency=False, check_accuracy=False)
+    second = _run("cpu", verify_latency=False, check_accuracy=False)
+    assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
+    assert set(first["measurements"]) == {"latency_profile"}
+    assert all("wall_s" not in v for v in first["solvers"].values())
+    fresh = _run("cpu", verify_latency=False, check_accuracy=False, measure_cache="off")
+    assert fresh["measurements"]["latency_profile"]["key"] == first["measurements"]["latency_profile"]["key"]
+    assert fresh["plan"].keys() == first["plan"].keys()

@@ -199,6 +199,82 @@ def test_trt_quantizes_inputs_not_outputs_and_keeps_biases_float():
     assert all(np.all(z == 0) and z.dtype == np.int8 for z in zps)
 
 
+def _guarded_insert_qdq(model: Model, ctx: PassContext, plan: dict, seed: int = 0):
+    """insert-qdq through the pass manager with the real verifier and numeric guard (seeded
+    N(0, 1) inputs, as without --data)."""
+    from hqpc.passmanager import NumericGuard, PassManager, VerifyInstrument
+
+    model.annotations["precision"] = {"plan": plan}
+    ctx.instruments = [VerifyInstrument(), NumericGuard(lambda m: ort_rt.random_feeds(m.proto, seed=seed))]
+    manager = PassManager([InsertQDQ()], ctx)
+    manager.run(model)
+    return manager.records[0]
+
+
+def test_trt_fp16_layer_before_int8_layers_passes_the_guard():
+    """Issue #5/#6 regression: an FP16 layer in the plan on orin (here the first conv, as the
+    precision plan chose for resnet20) used to be rolled back by the guard (max abs 0.33 on
+    resnet20, ~1 on this chain). ONNX Runtime's CPU provider runs the emitted FP16 Conv in FP32
+    on unrounded activations (its InsertCastTransformer drops the Cast(FP32→FP16)→Cast(FP16→FP32)
+    pairs it creates), while the reference rounded through explicit Cast pairs around a float
+    Conv; the INT8 layers behind amplified the difference. Now both sides carry the same
+    FP16-typed layer and must match bit for bit (the declared tolerance is unchanged)."""
+    for seed_base in ("qdq", "fp16-a", "fp16-b"):
+        model, ctx = _prepare(CHAIN, target="orin", seed_base=seed_base)
+        first = next(n.name for n in model.proto.graph.node if n.op_type == "Conv")
+        record = _guarded_insert_qdq(model, ctx, {first: "fp16"})
+        assert not record.rolled_back, record.error
+        assert record.checks["guard"]["status"] == "passed"
+        assert model.annotations["qdq"]["weights"] == {"int8": 2, "int4": 0, "fp16": 1}
+        graph = model.proto.graph
+        conv = next(n for n in graph.node if n.name == first)
+        inits = {t.name: t for t in graph.initializer}
+        assert inits[conv.input[1]].data_type == onnx.TensorProto.FLOAT16
+        assert inits[conv.input[2]].data_type == onnx.TensorProto.FLOAT16
+        producer = {o: n for n in graph.node for o in n.output}
+        assert producer[conv.input[0]].op_type == "Cast"
+    # bit-exact, not just within the tolerance
+    model, ctx = _prepare(CHAIN, target="orin")
+    first = next(n.name for n in model.proto.graph.node if n.op_type == "Conv")
+    before, p, after = _run(model, ctx, {first: "fp16"})
+    ref = p.reference(before, after, ctx)
+    for seed in range(3):
+        feeds = ort_rt.random_feeds(after.proto, seed=seed)
+        np.testing.assert_array_equal(ort_rt.run(ref.proto, feeds)["out"], ort_rt.run(after.proto, feeds)["out"])
+
+
+def test_trt_fp16_reference_catches_a_wrong_fp16_weight():
+    """The FP16 layer is still checked: an emitted FP16 weight that is not the layer's own
+    (here scaled by 1.5) fails the guard."""
+    model, ctx = _prepare(CHAIN, target="orin")
+    convs = [n for n in model.proto.graph.node if n.op_type == "Conv"]
+    before, p, after = _run(model, ctx, {convs[0].name: "fp16"})
+    conv = next(n for n in after.proto.graph.node if n.name == convs[0].name)
+    for t in after.proto.graph.initializer:
+        if t.name == conv.input[1]:
+            t.CopyFrom(onnx.numpy_helper.from_array((onnx.numpy_helper.to_array(t) * np.float16(1.5)), t.name))
+    assert not _guard(p, before, after, ort_rt.random_feeds(after.proto, seed=1)).ok
+
+
+def test_fp16_matmul_casts_every_activation_input():
+    """An FP16 MatMul whose both operands are activations gets a Cast on each (a float32
+    operand next to a float16 one is not a valid ONNX MatMul)."""
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 8, 16] x, float[2, 16, 8] y) => (float[2, 8, 8] out)
+    {
+        out = MatMul (x, y)
+    }"""
+    for target in ("orin", "cpu"):
+        model, ctx = _prepare(text, target=target)
+        mm = model.proto.graph.node[0].name
+        before, p, after = _run(model, ctx, {mm: "fp16"})
+        onnx.checker.check_model(after.proto, full_check=True)
+        node = next(n for n in after.proto.graph.node if n.op_type == "MatMul")
+        producer = {o: n for n in after.proto.graph.node for o in n.output}
+        assert [producer[i].op_type for i in node.input] == ["Cast", "Cast"]
+        assert _guard(p, before, after, ort_rt.random_feeds(after.proto, seed=2)).ok
+
+
 # --------------------------------------------------------------------------- real models
 def test_digits_int8_quick():
     """The shipped digits CNN (hard-swish, SE, residual) through calibrate + insert-qdq: every

@@ -595,3 +595,61 @@ def test_tensorrt_plan_on_dla():
 
 if __name__ == "__main__":  # python -m tests.unit.test_tensorrt  → recapture the fixture
     print(capture_fixture())
+
+
+# =========================================================================== pooling before an INT8 conv
+POOL_CHAIN = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[1, 8, 16, 16] x) => (float[1, 16, 1, 1] out)
+<float[16, 8, 3, 3] w1, float[16] b1, float[16, 16, 1, 1] w2, float[16] b2>
+{{
+    c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    r1 = Relu (c1)
+    p = {pool} (r1)
+    c2 = Conv (p, w2, b2)
+    out = GlobalAveragePool (c2)
+}}"""
+POOLS = {"MaxPool": "MaxPool <kernel_shape = [2, 2], strides = [2, 2]>",
+         "AveragePool": "AveragePool <kernel_shape = [2, 2], strides = [2, 2]>",
+         "GlobalAveragePool": "GlobalAveragePool"}
+
+
+def _orin_pool_model(pool: str):
+    from hqpc.golden import build_model_from_text
+    from hqpc.ir import Model
+    from hqpc.passes.calibrate import Calibrate
+    from hqpc.passes.check_trt import CheckTRT
+    from hqpc.passes.qdq import InsertQDQ
+    from hqpc.passmanager import PassContext
+
+    model = Model.load(build_model_from_text(POOL_CHAIN.format(pool=POOLS[pool]), seed_base="pool"))
+    ctx = PassContext(opt_level=2, target=load_target("orin"))
+    Calibrate(method="minmax").run(model, ctx)
+    assert InsertQDQ().run(model, ctx)
+    CheckTRT().run(model, ctx)
+    return model
+
+
+@pytest.mark.parametrize("pool", sorted(POOLS))
+def test_orin_placement_around_pools_obeys_check_trt(pool):
+    """Q/DQ goes on a max pool's input (DQ commutes with max) and on an average pool's output
+    (DQ→AveragePool→Q is TensorRT's INT8 pool; a conv behind an average pool over a DQ without
+    its own Q/DQ stays FP32: mobilenet_v2's Logits conv, mobilenet_v3_small's SE convs)."""
+    model = _orin_pool_model(pool)
+    graph = model.proto.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    conv2 = [n for n in graph.node if n.op_type == "Conv"][1]
+    expected = "MaxPool" if pool == "MaxPool" else "DequantizeLinear"
+    assert producer[conv2.input[0]].op_type == expected
+    assert model.annotations["check_trt"]["ok"], model.annotations["check_trt"]["violations"]
+    expectation = {e.node: e.expected for e in trt_rt.expected_precisions(model.proto)}
+    assert expectation[conv2.name] == "int8"
+
+
+@needs_rtx
+@pytest.mark.parametrize("pool", sorted(POOLS))
+def test_rtx_conv_behind_a_pool_is_int8(pool):
+    """TensorRT-RTX (SM 8.6) runs both convs INT8 for every pool placement above."""
+    result = trt_rt.check_with_tensorrt_rtx(_orin_pool_model(pool).proto, "8.6")
+    assert result.parsed and result.built, result.problems
+    assert result.summary()["quantized"] == 2 and result.summary()["as_assigned"] == 2, result.problems
+    assert result.ok, result.problems
