@@ -19,11 +19,12 @@ from tests.conftest import REPO
 DIGITS = REPO / "examples" / "digits" / "digits_cnn.onnx"
 DIGITS_DATA = REPO / "examples" / "digits" / "digits.toml"
 SENS = "annotate-sensitivity{samples=64,precisions=fp16},"
+NO_CONTRACT = {"contract": False}  # the pass's own result, not the model the -O3 accuracy contract emits
 FAST = "prune{max_steps=2,latency_runs=5,recon_rows=2048,recon_images=96,score_images=32,reconstruct=true}"
 
 
 def test_search_on_digits_stays_within_budget():
-    result = compile_model(CompileOptions(model=str(DIGITS), data=DIGITS_DATA, max_drop=2.0,
+    result = compile_model(CompileOptions(model=str(DIGITS), data=DIGITS_DATA, max_drop=2.0, extra=NO_CONTRACT,
                                           pipeline=SENS + FAST + ",reconstruct{rows=2048,images=96}"))
     records = {r.name: r for r in result.records}
     prune, recon = records["prune"], records["reconstruct"]
@@ -33,11 +34,14 @@ def test_search_on_digits_stays_within_budget():
 
     expected = "fisher+probe" if "annotate-sensitivity" in passes() else "kl-probe"
     assert info["score_source"] == expected and info["metric"] == "top1"
+    if info.get("plan"):
+        assert info["estimate"]["form"] == "flips" and info["estimate"]["temperature"] is None
     history = info["history"]
     assert history[0]["step"] == 0 and len(history) >= 2
     for entry in history[1:]:
         assert {"step", "accepted", "channels_removed", "latency_est_us", "latency_ms", "speedup", "top1", "drop",
-                "sigma", "drop_est", "sigma_est", "changed", "flip_ratio", "moves"} <= set(entry)
+                "sigma", "drop_est", "sigma_est", "changed", "flip_ratio", "flips_est", "estimate",
+                "moves"} <= set(entry)
         if entry["accepted"]:
             assert entry["drop_est"] + entry["sigma_est"] <= 2.0 + 1e-3
             assert entry["drop"] + entry["sigma"] <= 2.0 + 1e-3
@@ -51,11 +55,41 @@ def test_search_on_digits_stays_within_budget():
 
 
 def test_search_with_probes_on_digits():
-    result = compile_model(CompileOptions(model=str(DIGITS), data=DIGITS_DATA, max_drop=2.0,
+    result = compile_model(CompileOptions(model=str(DIGITS), data=DIGITS_DATA, max_drop=2.0, extra=NO_CONTRACT,
                                           pipeline=SENS.replace("64", "16") + FAST.replace("}", ",scores=probe,max_steps=1}")))
     record = result.records[-1]
     assert record.name == "prune" and not record.rolled_back, record.error
     assert result.model.annotations["prune"]["score_source"] == "kl-probe"
+
+
+def test_posterior_estimate_option_on_digits():
+    result = compile_model(CompileOptions(model=str(DIGITS), data=DIGITS_DATA, max_drop=2.0, extra=NO_CONTRACT,
+                                          pipeline=SENS.replace("64", "16")
+                                          + FAST.replace("}", ",max_steps=1,estimate=posterior,moves=chunks}")))
+    record = result.records[-1]
+    assert record.name == "prune" and not record.rolled_back, record.error
+    info = result.model.annotations["prune"]
+    assert all(e["estimate"] == "posterior" for e in info["history"][1:])
+    if info.get("plan"):
+        assert info["estimate"]["form"] == "posterior" and info["estimate"]["temperature"] > 0
+
+
+def test_block_aligned_moves_never_remove_channels_that_save_nothing():
+    proto = Model.load(DIGITS).proto
+    groups = analyze(proto)
+    cost = CostModel(groups, proto, block=16)
+    cost.rebase({name: 1.0 for name, *_ in cost.nodes}, {})
+    prune = Prune()
+    prune._search = {"fisher": None, "prober": None, "saliency": {}, "banned": set(), "costs": {}}
+    prune._unit_order = lambda groups, gid, kept: kept
+    for group in groups.prunable:
+        gains = [0.0]
+        for kept, gain in prune._options(groups, cost, {}, group.id, 8):
+            assert len(kept) % 8 == 0 and gain > gains[-1]
+            more = tuple(range(len(kept) + 8))  # keeping 8 more channels ...
+            if len(more) < group.channels and len(kept) % 16 == 0:
+                assert cost.saving(group.id, {}, more) < gain  # ... saves less
+            gains.append(gain)
 
 
 def test_search_without_data_is_a_no_op():
@@ -118,10 +152,48 @@ def test_drop_estimate_uses_changed_predictions():
     pred = np.zeros(100, int)
     pred[:16] = 1                       # ... and the candidate fixes 16 images: raw drop -16
     out = DropEstimate(labeled=True).add(pred, base, labels)
+    assert out["estimate"] == "flips"
     assert out["drop_est"] == pytest.approx(8.0) and out["sigma_est"] == pytest.approx(2.0)
     assert out["changed"] == pytest.approx(0.16)
     unlabeled = DropEstimate(labeled=False).add(pred, base, None)
     assert unlabeled["drop_est"] == pytest.approx(16.0) and unlabeled["sigma_est"] == pytest.approx(4.0)
+
+
+def test_posterior_drop_estimate_prices_flips_by_confidence():
+    from hqpc.passes.prune_search import DropEstimate
+
+    n = 100
+    posterior = np.zeros((n, 3))
+    posterior[:, 0] = 0.9
+    posterior[:, 1] = 0.1
+    posterior[:50] = [0.5, 0.5, 0.0]    # the original model cannot tell class 0 from 1 here
+    base = np.zeros(n, int)
+    labels = np.ones(n, int)            # labels are never read by the estimate
+    uncertain = base.copy()
+    uncertain[:10] = 1                  # 10 flips of coin-toss predictions: no expected loss
+    out = DropEstimate(True, 0.5, posterior).add(uncertain, base, labels)
+    assert out["estimate"] == "posterior" and out["drop_est"] == pytest.approx(0.0)
+    assert out["flips_est"] == pytest.approx(5.0)  # the flip rule charges 0.5 per flip
+    confident = base.copy()
+    confident[50:60] = 1                # 10 flips of 0.9-confident predictions: 0.8 each
+    out = DropEstimate(True, 0.5, posterior).add(confident, base, labels)
+    c = np.zeros(n)
+    c[50:60] = 0.8
+    assert out["drop_est"] == pytest.approx(8.0)
+    assert out["sigma_est"] == pytest.approx(100 * np.std(c, ddof=1) / np.sqrt(n))
+    # without labels the metric is agreement and the disagreement itself is the drop
+    assert DropEstimate(False, 0.5, posterior).add(confident, base, None)["drop_est"] == pytest.approx(10.0)
+
+
+def test_fit_temperature_recovers_a_known_scale():
+    from hqpc.passes.prune_search import fit_temperature, softmax
+
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(size=(4000, 5)) * 2.0
+    probs = softmax(true_logits)
+    labels = np.array([rng.choice(5, p=p) for p in probs])
+    assert fit_temperature(true_logits * 3.0, labels) == pytest.approx(3.0, rel=0.1)   # overconfident
+    assert fit_temperature(true_logits, labels) == pytest.approx(1.0, rel=0.1)
 
 
 def test_paired_sigma():
