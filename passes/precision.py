@@ -219,7 +219,8 @@ class AssignPrecision(Pass):
             "budgets": {"latency_ms": _r(problem.latency_budget), "size_bytes": None if size_budget is None else _r(size_budget),
                         "accuracy_pt": _r(accuracy_budget), "latency_slack": slack,
                         "size_budget_option": budget_cfg},
-            "predicted": {k: _r(v) for k, v in chosen.objective.items()},
+            # of the emitted plan: the end-to-end check may have replaced the solver's plan by all-INT8
+            "predicted": {k: _r(v) for k, v in problem.evaluate(plan).items()},
             "int8_size_bytes": _r(int8_bytes), "fp32_latency_ms": _r(fp32_ms), "int8_latency_ms": _r(base_ms),
             "scores": {u: {p: _r(v) for p, v in scores[u].items()} for u in names},
             "latency": {u: {p: _r(v) for p, v in latency[u].items()} for u in names}, "latency_source": lat_source,

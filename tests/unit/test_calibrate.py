@@ -150,3 +150,40 @@ def test_gptq_halves_the_output_error_of_round_to_nearest_int4():
         err_rtn = np.mean((x @ (rtn.dequantized() - w).T) ** 2)
         err_gptq = np.mean((x @ (g.dequantized() - w).T) ** 2)
         assert err_gptq < 0.7 * err_rtn
+
+
+HEAD = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[1, 3, 64, 64] x) => (float[1, 16384] out)
+<float[4, 3, 3, 3] w, float[4] b, int64[2] shape, float k>
+{
+    c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    logits = Mul (c, k)
+    out = Reshape (logits, shape)
+}"""
+
+
+def test_graph_outputs_and_their_copies_are_never_clipped():
+    """A classifier's largest logit is what a clipping range saturates (ties at the top code):
+    a graph output and the tensors it is a pure copy of get the min-max range, other tensors the
+    method's."""
+    from hqpc.passes.calibrate import output_tensors
+
+    proto = build_model_from_text(HEAD, seed_base="cal")
+    for init in proto.graph.initializer:
+        if init.name == "shape":
+            init.CopyFrom(numpy_helper.from_array(np.array([1, 16384], np.int64), "shape"))
+        if init.name == "k":
+            init.CopyFrom(numpy_helper.from_array(np.array(2.0, np.float32), "k"))
+    model = Model.load(proto)
+    assert output_tensors(model) == {"out", "logits"}
+    Calibrate(method="percentile").run(model, PassContext(opt_level=2, target=load_target("cpu"), seed=1))
+    cal = model.annotations["calibration"]["tensors"]
+    for name in ("out", "logits"):
+        t = cal[name]
+        # 131072 values: the 99.99 % percentile alone would clip them
+        assert t["ranges"]["percentile"][1] < t["ranges"]["minmax"][1]
+        assert [t["lo"], t["hi"]] == t["ranges"]["minmax"] and t["hi"] == pytest.approx(t["max"])
+        assert t["unclipped"].startswith("graph output")
+    c = cal["c"]
+    assert c["ranges"]["percentile"][1] < c["ranges"]["minmax"][1]
+    assert [c["lo"], c["hi"]] == c["ranges"]["percentile"] and "unclipped" not in c

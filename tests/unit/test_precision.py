@@ -196,3 +196,29 @@ def test_cpu_plan_annotation_is_reproducible_with_the_measurement_cache():
     fresh = _run("cpu", verify_latency=False, check_accuracy=False, measure_cache="off")
     assert fresh["measurements"]["latency_profile"]["key"] == first["measurements"]["latency_profile"]["key"]
     assert fresh["plan"].keys() == first["plan"].keys()
+
+
+def test_predicted_describes_the_emitted_plan_after_the_end_to_end_fallback(monkeypatch):
+    """cpu: when the end-to-end timing rejects the solver's mixed plan, the emitted plan is
+    all-INT8 and ``predicted`` (loss, latency, size) must describe that plan, not the rejected one."""
+    from hqpc import registry
+    from hqpc.runtime import latency as latency_rt
+
+    model = Model.load(build_model_from_text(MODEL, seed_base="prec"))
+    ctx = PassContext(opt_level=2, target=load_target("cpu"), config={"max_drop": 1.0})
+    Calibrate(method="minmax").run(model, ctx)
+    convs = [n for n in model.proto.graph.node if n.op_type in ("Conv", "Gemm")]
+    # the first conv hugely sensitive at int8: the solver keeps it float
+    sens = {n.input[1]: {"int8": (100.0 if i == 0 else 1e-6)} for i, n in enumerate(convs)}
+    model.annotations["sensitivity"] = {"tensors": sens}
+    monkeypatch.setattr(registry, "passes", lambda: {"annotate-sensitivity": object})
+    # ... and the end-to-end timing finds the mixed plan far slower than all-INT8
+    monkeypatch.setattr(latency_rt, "compare", lambda models, **kw: {"plan": {"min_ms": 10.0}, "all_int8": {"min_ms": 1.0}})
+    AssignPrecision(latency_slack=1.0, measure_cache="off").run(model, ctx)
+    ann = model.annotations["precision"]
+    assert ann["end_to_end"]["decision"].startswith("all-INT8")
+    assert set(ann["plan"].values()) == {"int8"}
+    int8_loss = sum(ann["scores"][n]["int8"] for n in ann["plan"])
+    assert ann["predicted"]["loss"] == pytest.approx(int8_loss, rel=1e-4, abs=1e-6)
+    assert ann["predicted"]["size_bytes"] == pytest.approx(ann["int8_size_bytes"])
+    assert ann["predicted"]["latency_ms"] == pytest.approx(ann["int8_latency_ms"], rel=1e-4)
