@@ -3,22 +3,31 @@
 For every shared model, after running the pass on the calibration split (``--samples``, default
 256, exactly what -O3 runs):
 
-(a) channel zeroing: all output channels of every Conv/Gemm except the final classifier's and
-    except squeeze-excite *gate* convs form one pool; 10 % of the pool is zeroed (that channel's weights and bias set to 0, so its
-    activation is 0: the quantity the Fisher score predicts) - the lowest-scored 10 %, a
-    uniformly random 10 % (5 draws, mean and spread) and the highest-scored 10 % - and top-1 is
-    measured on the first ``--eval`` items of the eval split (disjoint from the calibration
-    images). Channels are chosen globally across layers, with two rankings:
-      raw   the Fisher score itself: it is an estimate of the loss increase, in the same unit
-            for every layer, so comparing across layers is what the theory says;
-      l2    scores divided by the layer's L2 norm (Molchanov et al. 2017): guards against one
-            layer's scale dominating; shown for comparison.
-    Gate convs (MobileNetV3's SE expand: conv -> hard-sigmoid -> Mul with the features) are
-    left out: zeroing their output does not remove a channel, it sets the gate to
-    hsigmoid(0) = 0.5, far outside the second-order neighbourhood where the score applies (the
-    gate is mostly saturated, so its gradient and score are ~0). The prune pass never removes
-    them alone either: they share a channel group with the gated features. The pool with them
-    is measured too (column "with gates").
+(a) channel zeroing: a fraction (``--fractions``, default 10 % and 2 %) of the channels is zeroed
+    - the lowest-scored, a uniformly random one (5 draws, mean and spread) and the highest-scored -
+    and top-1 and NLL are measured on the first ``--eval`` items of the eval split (disjoint from
+    the calibration images). Four readings, all reported:
+      unit "layer channel": one output channel of one Conv/Gemm, zeroed by setting its weight rows
+          and bias to 0; its score is the pass's s_c = ½·E[(Σ_spatial a·∂ℓ/∂a)²], a being the
+          tensor that this zeroes (the conv output, or after a zero-preserving activation).
+          Pool: every Conv/Gemm except the final classifier and squeeze-excite *gate* convs
+          (MobileNetV3's SE expand: conv -> hard-sigmoid -> Mul with the features): zeroing a gate
+          conv's output does not remove a channel, it sets the gate to hsigmoid(0) = 0.5, far
+          outside the second-order neighbourhood where the score applies (``--with-gates`` measures
+          the pool with them too).
+      unit "group channel": one channel of a prunable group of the channel-groups analysis; every
+          Conv/Gemm output carrying it (all producers of a residual stream, the depthwise conv of
+          an inverted residual block; not the SE gate convs) is zeroed, which removes the channel
+          from the network exactly (checked against prune_channels.masked_model); its score is the
+          sum Σ_p s_{p,c} of those convs' scores (the prune pass's convention).
+      scope "global": the fraction of the whole pool, ranked across layers/groups, with two
+          rankings for layer channels: raw (the scores as they are: estimates of the loss increase
+          in one unit for every layer, so comparing across layers is what the theory says) and
+          l2 (each layer's scores divided by their L2 norm, Molchanov et al. 2017);
+      scope "per-block": max(1, round(fraction·size)) units inside every layer / group.
+    The largest fraction of one layer/group inside the lowest set is recorded: a global ranking
+    may empty whole layers, where the additive second-order estimate (Σ of single-channel
+    scores, no cross terms) is least valid.
 (b) per-layer quantization: ONE layer's weights at a time are replaced by their INT8 (and INT4)
     values - the quantizer of the pass and of insert-qdq, ``hqpc.passes.sensitivity.quantized_weight``
     (symmetric per output channel, MSE clipping, QAT grid kept) - and the mean KL(FP32 || quantized)
@@ -30,13 +39,15 @@ For every shared model, after running the pass on the calibration split (``--sam
 
 Usage:
   python bench/bench_sensitivity.py                                   # the four shared models
-  python bench/bench_sensitivity.py --models cifar10_resnet20 --eval 500 --json out.json
+  python bench/bench_sensitivity.py --models cifar10_resnet20 --eval 500 --json out.json --md out.md
 Writes bench/results/sensitivity.md (markdown tables) and bench/results/sensitivity.json.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import os
 import json
 import resource
 import sys
@@ -163,6 +174,26 @@ def run_pass(model_path: Path, spec_path: Path, samples: int, loss: str):
     return model, model.annotations["sensitivity"], timing
 
 
+def cached_pass(folder: Path, model_path: Path, spec_path: Path, samples: int, loss: str):
+    """:func:`run_pass`, the annotation kept in ``folder`` under a key of the model bytes, samples,
+    loss and the pass's source file (development runs only; the timing is the stored one)."""
+    from hqpc.ir import Model
+    from hqpc.passes import sensitivity
+
+    key = hashlib.sha256(model_path.read_bytes() + f"{samples}/{loss}".encode()
+                         + Path(sensitivity.__file__).read_bytes()).hexdigest()[:16]
+    path = folder / f"{model_path.stem}.{key}.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        model = Model.load(model_path)
+        model.annotations["sensitivity"] = data["ann"]
+        return model, data["ann"], dict(data["timing"], cached=True)
+    model, ann, timing = run_pass(model_path, spec_path, samples, loss)
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"ann": ann, "timing": timing}))
+    return model, ann, timing
+
+
 _PASS_THROUGH = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Expand")
 
 
@@ -220,58 +251,227 @@ def gate_layers(proto: onnx.ModelProto) -> set[str]:
     return gates
 
 
-def channel_experiment(proto, ann, x, y, base, threads, fractions, log) -> dict:
+def conv_units(proto, ann, exclude: set[str]) -> list[dict]:
+    """One unit per output channel of every scored Conv/Gemm not in ``exclude``: zeroing it zeroes
+    that channel's weight rows and bias; its score is the pass's s_c; its block is the layer."""
+    return [{"block": node, "zero": [(node, c)], "score": float(s)}
+            for node, scores in ann["channels"].items() if node not in exclude for c, s in enumerate(scores)]
+
+
+def group_units(proto, ann, exclude: set[str]) -> tuple[list[dict], dict]:
+    """One unit per channel of every prunable channel group (``hqpc.passes.channel_groups``).
+
+    Zeroing a group channel zeroes the weight rows and biases of every Conv/Gemm whose output
+    carries that channel (the group's producers - e.g. all convs adding into one residual
+    stream - and depthwise convs inside the group), except squeeze-excite gate convs (the gated
+    channel is then zero anyway). This is exactly the removal of the channel from the network
+    (checked against ``prune_channels.masked_model`` by :func:`removal_check`). The unit's score
+    is the sum of those convs' channel scores, Σ_p s_{p,c} (the convention of the prune pass; it
+    leaves out the cross terms E[d_p d_q] of a residual group's producers). The block is the group."""
+    from hqpc.passes.channel_groups import analyze
+
+    nodes = {n.name: n for n in proto.graph.node}
+    groups = analyze(proto)
+    units, plan_of = [], {}
+    for g in groups.prunable:
+        for k in range(g.channels):
+            zero = []
+            for m in g.members:
+                node = nodes.get(m.node)
+                if (m.role != "act" or node is None or node.op_type not in ("Conv", "Gemm")
+                        or m.tensor != node.output[0] or node.name in exclude):
+                    continue
+                zero += [(node.name, int(i)) for i in m.units[k]]
+            if zero and all(n in ann["channels"] for n, _ in zero):
+                units.append({"block": f"group {g.id}", "zero": zero, "score": float(sum(
+                    ann["channels"][n][i] for n, i in zero)), "gid": g.id, "k": k})
+    return units, {"groups": groups}
+
+
+def removal_check(proto, groups, chosen_units, x) -> float:
+    """max |logit difference| between zeroing the chosen group channels' conv outputs and
+    removing them (``masked_model``: the consumers' input slices zeroed) on ``x``."""
+    from hqpc.passes.prune_channels import masked_model
+
+    drop: dict[int, set[int]] = {}
+    for u in chosen_units:
+        drop.setdefault(u["gid"], set()).add(u["k"])
+    plan = {gid: tuple(i for i in range(groups.group(gid).channels) if i not in ks) for gid, ks in drop.items()}
+    a = logits(zeroed(proto, [z for u in chosen_units for z in u["zero"]]), x, 2)
+    b = logits(masked_model(proto, groups, plan), x, 2)
+    return float(np.abs(a - b).max())
+
+
+def channel_experiment(proto, ann, x, y, base, threads, fractions, log, with_gates=False) -> dict:
     skip = classifier(proto)
     gates = gate_layers(proto)
-    out = {"classifier": skip, "gates": sorted(gates), "fp32": metrics(base, y, base), "fractions": {}}
-    for fraction in fractions:
-        res = _zeroing(proto, ann, x, y, base, threads, {skip} | gates, fraction)
-        out["fractions"][str(fraction)] = res
-        log(f"  zero {fraction:.0%} ({res['k']} of {res['pool']} channels; classifier and {len(gates)} gate convs "
-            f"excluded), top-1 / NLL: random {res['random']['top1']:.4f} / {res['random']['nll']:.3f}")
-        for ranking in ("raw", "l2"):
-            lo, hi = res[ranking]["lowest"], res[ranking]["highest"]
-            log(f"    {ranking}: lowest {lo['top1']:.4f} / {lo['nll']:.3f}  highest {hi['top1']:.4f} / {hi['nll']:.3f}")
-    if gates:
-        out["with_gates"] = _zeroing(proto, ann, x, y, base, threads, {skip}, fractions[0])
-        out["with_gates"]["fraction"] = fractions[0]
-        w = out["with_gates"]
+    out = {"classifier": skip, "gates": sorted(gates), "fp32": metrics(base, y, base), "classes": int(base.shape[1]),
+           "variants": {}}
+    layer_pool = conv_units(proto, ann, {skip} | gates)
+    group_pool, info = group_units(proto, ann, {skip} | gates)
+    pools = {"layers": layer_pool, "groups": group_pool}
+    for fraction in fractions:  # all four readings at the first fraction, the global layer one at the others
+        readings = (("layers", "global"), ("layers", "per-block"), ("groups", "global"), ("groups", "per-block"))
+        for pool_name, scope in readings if fraction == fractions[0] else readings[:1]:
+            key = f"{pool_name}/{scope}/{fraction}"
+            rankings = ("raw", "l2") if (pool_name, scope) == ("layers", "global") else ("raw",)
+            res = _zeroing(proto, pools[pool_name], x, y, base, threads, fraction, scope, rankings)
+            res.update({"pool_name": pool_name, "scope": scope, "fraction": fraction})
+            if pool_name == "groups" and fraction == fractions[0] and scope == "global":
+                res["removal_max_abs_logit_diff"] = removal_check(proto, info["groups"], res["raw"]["lowest_units"],
+                                                                  x[:50])
+            for r in rankings:
+                res[r].pop("lowest_units", None)
+            out["variants"][key] = res
+            rnd = res["random"]
+            log(f"  {key}: {res['k']} of {res['pool']} units; top-1 / NLL  random {rnd['top1']:.4f} / {rnd['nll']:.3f}")
+            for r in rankings:
+                lo, hi = res[r]["lowest"], res[r]["highest"]
+                log(f"    {r}: lowest {lo['top1']:.4f} / {lo['nll']:.3f}  highest {hi['top1']:.4f} / {hi['nll']:.3f}"
+                    f"  (lowest: max block fraction {res[r]['lowest_max_block_fraction']:.2f})")
+    if gates and with_gates:
+        w = _zeroing(proto, conv_units(proto, ann, {skip}), x, y, base, threads, fractions[0], "global", ("raw",))
+        w["raw"].pop("lowest_units", None)
+        w["fraction"] = fractions[0]
+        out["with_gates"] = w
         log(f"  with the gate convs in the pool ({w['k']} of {w['pool']}), top-1: raw lowest "
             f"{w['raw']['lowest']['top1']:.4f}  random {w['random']['top1']:.4f}  raw highest {w['raw']['highest']['top1']:.4f}")
     return out
 
 
-def _zeroing(proto, ann, x, y, base, threads, exclude: set[str], fraction: float) -> dict:
-    pool = [(node, c, s) for node, scores in ann["channels"].items() if node not in exclude
-            for c, s in enumerate(scores)]
-    k = max(1, int(round(fraction * len(pool))))
-    out = {"pool": len(pool), "k": k}
-    rng = np.random.default_rng(0)
-    draws = []
-    for _ in range(DRAWS):
-        pick = rng.choice(len(pool), size=k, replace=False)
-        draws.append(metrics(logits(zeroed(proto, [pool[i][:2] for i in pick]), x, threads), y, base))
-    out["random"] = {m: float(np.mean([d[m] for d in draws])) for m in ("top1", "nll", "kl")}
-    out["random"]["top1_std"] = float(np.std([d["top1"] for d in draws]))
-    out["random"]["draws"] = draws
-    norms = {node: float(np.linalg.norm(scores)) or 1.0 for node, scores in ann["channels"].items()}
-    for ranking in ("raw", "l2"):
-        keyed = [s if ranking == "raw" else s / norms[node] for node, _, s in pool]
-        order = np.argsort(np.asarray(keyed), kind="stable")
-        low = [pool[i][:2] for i in order[:k]]
-        high = [pool[i][:2] for i in order[-k:]]
-        out[ranking] = {"lowest": metrics(logits(zeroed(proto, low), x, threads), y, base),
-                        "highest": metrics(logits(zeroed(proto, high), x, threads), y, base),
-                        "lowest_layers": len({n for n, _ in low}),
-                        "lowest_max_layer_fraction": _max_layer_fraction(low, ann)}
+def diagnose(proto, ann, x, y, base, threads, fraction, singles, log) -> dict:
+    """Why a selection costs what it costs (layer channels, the global pool of part (a)):
+
+    * single channels: ``singles`` units spread evenly over the score ranking, each zeroed
+      ALONE; Spearman of the score with the measured KL(FP32 || zeroed) and NLL increase - the
+      quantity the score estimates, free of the additivity assumption of the 10 % experiment;
+    * the global lowest ``fraction`` split into squeeze-excite squeeze convs (Conv/Gemm whose
+      output reaches only gate convs: their effect goes through the gate's hard-sigmoid), the
+      layers where the lowest set takes more than half of the channels, and the rest, each part
+      zeroed alone; plus the count of exactly-zero scores in the set."""
+    from scipy.stats import spearmanr
+
+    skip = classifier(proto)
+    gates = gate_layers(proto)
+    units = conv_units(proto, ann, {skip} | gates)
+    order = np.argsort([u["score"] for u in units], kind="stable")
+    picks = order[np.unique(np.linspace(0, len(units) - 1, singles).round().astype(int))]
+    b_nll = nll(base, y)
+    rows = []
+    for i in picks:
+        m = metrics(logits(zeroed(proto, units[i]["zero"]), x, threads), y, base)
+        rows.append({"node": units[i]["block"], "channel": units[i]["zero"][0][1], "score": units[i]["score"],
+                     "kl": m["kl"], "nll_increase": m["nll"] - b_nll, "top1": m["top1"]})
+    out = {"singles": rows,
+           "spearman_score_kl": _rho(spearmanr, np.array([r["score"] for r in rows]), np.array([r["kl"] for r in rows])),
+           "spearman_score_nll": _rho(spearmanr, np.array([r["score"] for r in rows]),
+                                      np.array([r["nll_increase"] for r in rows]))}
+    log(f"  single channels ({len(rows)}): Spearman(score, KL) {out['spearman_score_kl']:.3f}, "
+        f"(score, NLL increase) {out['spearman_score_nll']:.3f}")
+    consumers: dict[str, list[str]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    conv_of = {n.name: n for n in proto.graph.node}
+
+    def feeds_only_gates(node_name: str) -> bool:
+        frontier, seen = [conv_of[node_name].output[0]], set()
+        reached = set()
+        while frontier:
+            t = frontier.pop()
+            for c in consumers.get(t, []):
+                if c.op_type in ("Conv", "Gemm"):
+                    reached.add(c.name)
+                elif c.name not in seen:
+                    seen.add(c.name)
+                    frontier.extend(c.output)
+        return bool(reached) and reached <= gates
+
+    squeeze = {u["block"] for u in units if feeds_only_gates(u["block"])}
+    low = [units[i] for i in order[:max(1, int(round(fraction * len(units))))]]
+    size: dict[str, int] = {}
+    for u in units:
+        size[u["block"]] = size.get(u["block"], 0) + 1
+    taken: dict[str, int] = {}
+    for u in low:
+        taken[u["block"]] = taken.get(u["block"], 0) + 1
+    heavy = {b for b, n in taken.items() if n > size[b] / 2 and b not in squeeze}
+    parts = {"se_squeeze": [u for u in low if u["block"] in squeeze],
+             "layers_over_half_taken": [u for u in low if u["block"] in heavy],
+             "rest": [u for u in low if u["block"] not in squeeze and u["block"] not in heavy]}
+    out["lowest_parts"] = {}
+    for key, chosen in parts.items():
+        if not chosen:
+            continue
+        m = metrics(logits(zeroed(proto, [z for u in chosen for z in u["zero"]]), x, threads), y, base)
+        out["lowest_parts"][key] = {"units": len(chosen), "zero_scores": sum(u["score"] == 0.0 for u in chosen),
+                                    "score_sum": float(sum(u["score"] for u in chosen)), "layers": sorted(
+                                        {u["block"] for u in chosen}) if key != "rest" else [], **m}
+        log(f"  lowest {fraction:.0%}, part {key}: {len(chosen)} channels, top-1 {m['top1']:.4f}, NLL {m['nll']:.3f}")
+    out["fraction"] = fraction
     return out
 
 
-def _max_layer_fraction(chosen, ann) -> float:
+def _select(units, fraction, scope, keys=None, rng=None) -> list[int]:
+    """Indices of the chosen units: ``fraction`` of the whole pool (global) or max(1, round(
+    fraction·size)) of every block (per-block), the lowest keys (keys given, ascending; pass
+    -keys for the highest) or uniformly at random (rng given)."""
+    if scope == "global":
+        blocks = {"all": list(range(len(units)))}
+    else:
+        blocks = {}
+        for i, u in enumerate(units):
+            blocks.setdefault(u["block"], []).append(i)
+    chosen = []
+    for members in blocks.values():
+        k = max(1, int(round(fraction * len(members))))
+        if rng is not None:
+            chosen += [members[j] for j in rng.choice(len(members), size=k, replace=False)]
+        else:
+            order = np.argsort(np.asarray([keys[i] for i in members]), kind="stable")
+            chosen += [members[j] for j in order[:k]]
+    return chosen
+
+
+def _zeroing(proto, units, x, y, base, threads, fraction: float, scope: str, rankings=("raw",)) -> dict:
+    def run(idx):
+        return metrics(logits(zeroed(proto, [z for i in idx for z in units[i]["zero"]]), x, threads), y, base)
+
+    out = {"pool": len(units), "blocks": len({u["block"] for u in units})}
+    rng = np.random.default_rng(0)
+    draws = []
+    for _ in range(DRAWS):
+        pick = _select(units, fraction, scope, rng=rng)
+        draws.append(run(pick))
+    out["k"] = len(pick)
+    out["random"] = {m: float(np.mean([d[m] for d in draws])) for m in ("top1", "nll", "kl")}
+    out["random"]["top1_std"] = float(np.std([d["top1"] for d in draws]))
+    out["random"]["draws"] = draws
+    norms: dict[str, float] = {}
+    for u in units:
+        norms[u["block"]] = norms.get(u["block"], 0.0) + u["score"] ** 2
+    for ranking in rankings:
+        keys = np.asarray([u["score"] if ranking == "raw" else u["score"] / (np.sqrt(norms[u["block"]]) or 1.0)
+                           for u in units])
+        low = _select(units, fraction, scope, keys=keys)
+        high = _select(units, fraction, scope, keys=-keys)
+        out[ranking] = {"lowest": run(low), "highest": run(high),
+                        "lowest_score_sum": float(sum(units[i]["score"] for i in low)),
+                        "highest_score_sum": float(sum(units[i]["score"] for i in high)),
+                        "lowest_blocks": len({units[i]["block"] for i in low}),
+                        "lowest_max_block_fraction": _max_block_fraction([units[i] for i in low], units),
+                        "lowest_units": [units[i] for i in low]}
+    return out
+
+
+def _max_block_fraction(chosen, units) -> float:
+    size: dict[str, int] = {}
+    for u in units:
+        size[u["block"]] = size.get(u["block"], 0) + 1
     counts: dict[str, int] = {}
-    for node, _ in chosen:
-        counts[node] = counts.get(node, 0) + 1
-    return max(counts[n] / len(ann["channels"][n]) for n in counts)
+    for u in chosen:
+        counts[u["block"]] = counts.get(u["block"], 0) + 1
+    return max(counts[b] / size[b] for b in counts)
 
 
 def quant_experiment(proto, ann, x, y, base_logits, threads, precisions, log) -> dict:
@@ -327,51 +527,116 @@ def markdown(results: dict) -> str:
     lines = ["# annotate-sensitivity: acceptance experiments", "",
              "Commands (in this order; later ones update their models' parts):", ""]
     lines += [f"    {c}" for c in commands]
+    if any("--parts diagnose" in c for c in commands):
+        lines += ["", "The `--parts diagnose` run wrote a separate file; only its `diagnostics` entry was merged into "
+                  "these results (it re-runs the pass with the same settings; two runs of the pass give identical scores)."]
     lines += ["", "Pass: `annotate-sensitivity{samples=256}` (the -O3 defaults: batch 16, loss auto = cross_entropy "
               "with the dataset labels), target cpu, on the calibration split. Accuracy on the first N items of the "
-              "eval split (disjoint from calibration). Machine: 2 cores shared with other jobs (load average 7-10 "
-              "during these runs), so wall times are inflated; CPU seconds are the process's user+system time.", "",
-              "## Pass runtime", "", "| model | samples | batch | wall s | CPU s | peak RSS MB (bench process) |",
-              "|---|---|---|---|---|---|"]
+              "eval split (disjoint from calibration). Machine: 2 cores shared with other jobs (load averages below), "
+              "so wall times are inflated; CPU seconds are the process's user+system time.", "",
+              "## Pass runtime", "", "| model | samples | batch | wall s | CPU s | peak RSS MB (bench process) | "
+              "load average 1/5/15 min: before the pass, after the model's experiments |",
+              "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         t = r["timing"]
-        lines.append(f"| {name} | {r['samples']} | {r['batch']} | {t['wall_s']} | {t['cpu_s']} | {r.get('rss_mb', '')} |")
-    lines += ["", "## (a) Zeroing a fraction of the Conv/Gemm output channels", "",
-              "Pool: every output channel of every Conv/Gemm except the final classifier's and squeeze-excite gate "
-              "convs (zeroing a gate conv sets the gate to hsigmoid(0) = 0.5 instead of removing a channel; see the "
-              "module docstring). Channels chosen globally: *raw* = the Fisher scores as they are (an estimate of the "
-              "loss increase, one unit for all layers), *l2* = each layer's scores divided by its L2 norm. Random = "
-              "mean of 5 draws (± std of top-1). NLL = mean cross-entropy of the true labels (FP32 value in the "
-              "model column); it keeps separating the cases when top-1 is at chance level (0.1 % on ImageNet). "
-              "*ordered*: lowest > random > highest in top-1 (ties at the floor count as not ordered) / lowest < "
-              "random < highest in NLL.", "",
-              "| model (eval N, FP32 top-1 / NLL) | zeroed | ranking | lowest top-1 | random top-1 | highest top-1 "
-              "| lowest NLL | random NLL | highest NLL | ordered top-1 / NLL |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+        load = r.get("load_average")
+        load = f"{'/'.join(map(str, load[:3]))}, {'/'.join(map(str, load[3:]))}" if load else ""
+        cached = " (cached annotation)" if t.get("cached") else ""
+        lines.append(f"| {name} | {r['samples']} | {r['batch']} | {t['wall_s']}{cached} | {t['cpu_s']} | "
+                     f"{r.get('rss_mb', '')} | {load} |")
+    lines += ["", "## (a) Zeroing a fraction of the channels: lowest vs random vs highest Fisher score", "",
+              "Four readings of \"zero 10 % of the channels\" (and 2 %). *Unit* = what is zeroed together, *scope* = "
+              "where the fraction is taken:", "",
+              "- **layer channels**: one output channel of one Conv/Gemm (weight rows and bias set to 0); score = the "
+              "pass's s_c. Classifier and squeeze-excite gate convs excluded (zeroing a gate conv sets the gate to "
+              "hsigmoid(0) = 0.5, it removes nothing; module docstring).",
+              "- **group channels**: one channel of a prunable channel group (channel-groups analysis): every Conv/Gemm "
+              "output carrying it is zeroed (all producers of a residual stream, the depthwise conv of an inverted "
+              "residual, ...), which is exactly removing the channel (checked: max |logit difference| to "
+              "`masked_model` in the last column); score = the sum of those convs' s_c.",
+              "- **global**: the fraction of the whole pool, ranked across layers/groups (*raw* scores, the theory's "
+              "one unit for all layers; *l2*: each layer's scores / their L2 norm, Molchanov et al. 2017). "
+              "**per-block**: max(1, round(fraction x size)) lowest / random / highest units inside every layer (or "
+              "group) - every layer thinned by the same fraction.", "",
+              "Random = mean of 5 draws (± std of top-1). NLL = mean cross-entropy of the labels (the loss whose "
+              "increase the scores estimate). *ordered*: lowest > random > highest in top-1 / lowest < random < "
+              "highest in NLL; a tie is NO. *floor*: random top-1 within 3 binomial std of chance (1/classes): "
+              "there top-1 cannot rank random against highest. *max blk*: the largest fraction of one layer/group "
+              "in the lowest set.", "",
+              "Verdict per model and reading (raw scores; top-1 / NLL; *NO (floor)*: random top-1 is at chance "
+              "level, so top-1 cannot show random < highest even if the numbers happen to be ordered):", ""]
+    keys = list(dict.fromkeys(k for r in results.values() for k in (r.get("channels") or {}).get("variants", {})))
+    label = {"layers": "layer ch.", "groups": "group ch."}
+    lines += ["| model | " + " | ".join(f"{label[k.split('/')[0]]} {k.split('/')[1]} {float(k.split('/')[2]):.0%}"
+                                       for k in keys) + " |", "|---|" + "---|" * len(keys)]
     for name, r in results.items():
         a = r.get("channels")
-        if not a:
+        if not a or "variants" not in a:
+            continue
+        chance = 1.0 / a["classes"]
+        floor = chance + 3 * np.sqrt(chance * (1 - chance) / r["eval"])
+        cells = []
+        for k in keys:
+            res = a["variants"].get(k)
+            if res is None:
+                cells.append("")
+                continue
+            cells.append(" / ".join(_verdicts(res["raw"]["lowest"], res["random"], res["raw"]["highest"],
+                                              res["random"]["top1"] <= floor)))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["",
+              "| model (eval N, FP32 top-1 / NLL) | unit | scope | zeroed | ranking | lowest top-1 | random top-1 | "
+              "highest top-1 | lowest NLL | random NLL | highest NLL | ordered top-1 / NLL | floor | max blk | removal check |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        a = r.get("channels")
+        if not a or "variants" not in a:
             continue
         head = f"{name} ({r['eval']}, {a['fp32']['top1']:.1%} / {a['fp32']['nll']:.3f})"
-        for fraction, res in a["fractions"].items():
+        chance = 1.0 / a["classes"]
+        floor = chance + 3 * np.sqrt(chance * (1 - chance) / r["eval"])
+        for key, res in a["variants"].items():
             rnd = res["random"]
             for ranking in ("raw", "l2"):
+                if ranking not in res:
+                    continue
                 lo, hi = res[ranking]["lowest"], res[ranking]["highest"]
-                ok_top1 = lo["top1"] > rnd["top1"] > hi["top1"]
-                ok_nll = lo["nll"] < rnd["nll"] < hi["nll"]
-                lines.append(f"| {head} | {float(fraction):.0%} ({res['k']} of {res['pool']}) | {ranking} | "
-                             f"{lo['top1']:.2%} | {rnd['top1']:.2%} ± {rnd['top1_std']:.2%} | {hi['top1']:.2%} | "
+                v_top1, v_nll = _verdicts(lo, rnd, hi, rnd["top1"] <= floor)
+                check = res.get("removal_max_abs_logit_diff")
+                unit = "layer ch." if res["pool_name"] == "layers" else "group ch."
+                lines.append(f"| {head} | {unit} | {res['scope']} | {res['fraction']:.0%}: {res['k']} of {res['pool']} | "
+                             f"{ranking} | {lo['top1']:.2%} | {rnd['top1']:.2%} ± {rnd['top1_std']:.2%} | {hi['top1']:.2%} | "
                              f"{lo['nll']:.3f} | {rnd['nll']:.3f} | {hi['nll']:.3f} | "
-                             f"{'yes' if ok_top1 else 'NO'} / {'yes' if ok_nll else 'NO'} |")
+                             f"{v_top1} / {v_nll} | "
+                             f"{'floor' if rnd['top1'] <= floor else ''} | {res[ranking]['lowest_max_block_fraction']:.2f} | "
+                             f"{'' if check is None else f'{check:.1e}'} |")
                 head = ""
         w = a.get("with_gates")
         if w:
-            lines.append(f"| {name}, gate convs kept in the pool | {w['fraction']:.0%} ({w['k']} of {w['pool']}) | raw | "
-                         f"{w['raw']['lowest']['top1']:.2%} | {w['random']['top1']:.2%} ± {w['random']['top1_std']:.2%} | "
-                         f"{w['raw']['highest']['top1']:.2%} | {w['raw']['lowest']['nll']:.3f} | {w['random']['nll']:.3f} | "
-                         f"{w['raw']['highest']['nll']:.3f} | "
+            lines.append(f"| {name}, gate convs kept in the pool | layer ch. | global | {w['fraction']:.0%}: {w['k']} of "
+                         f"{w['pool']} | raw | {w['raw']['lowest']['top1']:.2%} | {w['random']['top1']:.2%} ± "
+                         f"{w['random']['top1_std']:.2%} | {w['raw']['highest']['top1']:.2%} | "
+                         f"{w['raw']['lowest']['nll']:.3f} | {w['random']['nll']:.3f} | {w['raw']['highest']['nll']:.3f} | "
                          f"{'yes' if w['raw']['lowest']['top1'] > w['random']['top1'] > w['raw']['highest']['top1'] else 'NO'}"
-                         f" / {'yes' if w['raw']['lowest']['nll'] < w['random']['nll'] < w['raw']['highest']['nll'] else 'NO'} |")
+                         f" / {'yes' if w['raw']['lowest']['nll'] < w['random']['nll'] < w['raw']['highest']['nll'] else 'NO'}"
+                         f" | | | |")
+    diag = {name: r["diagnostics"] for name, r in results.items() if r.get("diagnostics")}
+    if diag:
+        lines += ["", "## (a, diagnostics) Single channels, and what the lowest set is made of", "",
+                  "Layer channels spread evenly over the score ranking, each zeroed ALONE (what the score estimates, "
+                  "no additivity involved): Spearman of the score with the measured KL(FP32 || zeroed) and NLL "
+                  "increase. Then the global lowest set of part (a) split into: channels of squeeze-excite squeeze "
+                  "convs (their effect goes only through a hard-sigmoid gate), channels of layers of which the set "
+                  "takes more than half, and the rest; each part zeroed alone (top-1 / NLL; zero scores = channels "
+                  "scored exactly 0).", "",
+                  "| model | single channels | Spearman (score, KL) | Spearman (score, NLL increase) | lowest set part | "
+                  "channels | zero scores | Σ scores | top-1 | NLL |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, d in diag.items():
+            head = f"| {name} | {len(d['singles'])} | {d['spearman_score_kl']:.3f} | {d['spearman_score_nll']:.3f} "
+            for key, part in d["lowest_parts"].items():
+                lines.append(f"{head}| {key} ({d['fraction']:.0%} set) | {part['units']} | {part['zero_scores']} | "
+                             f"{part['score_sum']:.3g} | {part['top1']:.2%} | {part['nll']:.3f} |")
+                head = "| | | | "
     lines += ["", "## (b) Per-layer weight quantization: predicted vs measured", "",
               "One layer's weights quantized at a time with the quantizer of the pass and of insert-qdq (per output "
               "channel, symmetric, MSE clipping, an existing QAT grid kept), KL(FP32 || quantized) of the softmax and "
@@ -391,6 +656,15 @@ def markdown(results: dict) -> str:
                          f"{'' if ratio is None else f'{ratio:.2f}'} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _verdicts(lo: dict, rnd: dict, hi: dict, at_floor: bool) -> tuple[str, str]:
+    """("yes" | "NO" | "NO (floor)", "yes" | "NO"): lowest > random > highest in top-1 (NO (floor)
+    when random is at chance level, where top-1 cannot rank it against highest), lowest < random
+    < highest in NLL. Ties are NO."""
+    top1 = lo["top1"] > rnd["top1"] > hi["top1"]
+    nll_ok = lo["nll"] < rnd["nll"] < hi["nll"]
+    return ("NO (floor)" if at_floor else ("yes" if top1 else "NO")), ("yes" if nll_ok else "NO")
 
 
 def refresh_exact(proto: onnx.ModelProto, quant: dict) -> dict:
@@ -417,8 +691,15 @@ def main(argv=None) -> int:
     parser.add_argument("--eval", type=int, default=0, help="eval items (default: 1000 CIFAR, 500 ImageNet)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precisions", default="int8,int4")
-    parser.add_argument("--fractions", default="0.1,0.02", help="fractions of the channel pool to zero")
-    parser.add_argument("--parts", default="channels,quant", help="experiments to run: channels, quant")
+    parser.add_argument("--fractions", default="0.1,0.02",
+                        help="fractions to zero: all four readings at the first, the global layer-channel one at the others")
+    parser.add_argument("--parts", default="channels,quant",
+                        help="experiments to run: channels, quant, diagnose (not in the default)")
+    parser.add_argument("--singles", type=int, default=40, help="diagnose: channels zeroed one at a time")
+    parser.add_argument("--ann-cache", type=Path, default=None,
+                        help="development only: reuse the annotation stored in this folder (keyed by model bytes, "
+                             "samples, loss and the pass source); results files say when it was used")
+    parser.add_argument("--with-gates", action="store_true", help="also zero with the SE gate convs in the pool")
     parser.add_argument("--merge", action="store_true", help="update the models' entries of an existing --json")
     parser.add_argument("--md", type=Path, default=REPO / "bench/results/sensitivity.md")
     parser.add_argument("--json", type=Path, default=REPO / "bench/results/sensitivity.json")
@@ -436,7 +717,11 @@ def main(argv=None) -> int:
     command = ("python bench/bench_sensitivity.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     for name in args.models:
         log(f"== {name}")
-        model, ann, timing = run_pass(SHARED / f"{name}.onnx", SPECS[name], args.samples, args.loss)
+        load_before = os.getloadavg()
+        if args.ann_cache:
+            model, ann, timing = cached_pass(args.ann_cache, SHARED / f"{name}.onnx", SPECS[name], args.samples, args.loss)
+        else:
+            model, ann, timing = run_pass(SHARED / f"{name}.onnx", SPECS[name], args.samples, args.loss)
         proto = model.proto
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
         log(f"  pass: {timing['wall_s']} s wall, {timing['cpu_s']} s CPU, {ann['samples']} samples, loss {ann['loss']}")
@@ -450,16 +735,20 @@ def main(argv=None) -> int:
         r["commands"] = r.get("commands", []) + [command]
         if "channels" in parts:
             fractions = [float(f) for f in args.fractions.split(",")]
-            r["channels"] = channel_experiment(proto, ann, x, y, base, args.threads, fractions, log)
+            r["channels"] = channel_experiment(proto, ann, x, y, base, args.threads, fractions, log, args.with_gates)
+        if "diagnose" in parts:
+            r["diagnostics"] = diagnose(proto, ann, x, y, base, args.threads, float(args.fractions.split(",")[0]),
+                                        args.singles, log)
         if "quant" in parts:
             r["quant"] = quant_experiment(proto, ann, x, y, base, args.threads, args.precisions.split(","), log)
         elif "quant" in r:
             r["quant"] = refresh_exact(proto, r["quant"])
+        r["load_average"] = [round(v, 1) for v in (*load_before, *os.getloadavg())]
         results[name] = r
         del x, y, base
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1))
-    args.md.write_text(markdown(results))
+        args.json.parent.mkdir(parents=True, exist_ok=True)  # after every model: a long run keeps its results
+        args.json.write_text(json.dumps(results, indent=1))
+        args.md.write_text(markdown(results))
     log(f"wrote {args.md} and {args.json}")
     return 0
 

@@ -63,6 +63,8 @@ Annotation contract::
 """
 from __future__ import annotations
 
+import math
+
 import hashlib
 import json
 import os
@@ -163,6 +165,12 @@ class AssignPrecision(Pass):
         sizes, fixed_size = self._sizes(model, units, options, index, backend)
         int8_bytes = fixed_size + sum(sizes[n.name].get("int8", sizes[n.name]["fp32"]) for n in units)
         size_budget = size_budget_bytes(budget_cfg, int8_bytes)
+        for u in options:  # a precision whose predicted loss is not finite (fp16 overflow) is no option
+            unusable = [p for p in options[u] if p != "fp32" and not math.isfinite(scores[u].get(p, 0.0))]
+            if unusable:
+                options[u] = [p for p in options[u] if p not in unusable]
+                ctx.log(f"assign-precision: {u}: {', '.join(unusable)} not offered (predicted loss not finite: "
+                        "values outside the format's range)")
         features = self._features(units, index)
         prune_drop = float((model.annotations.get("prune") or {}).get("drop_pt", 0.0) or 0.0)
         accuracy_budget = max(0.0, float(ctx.config.get("max_drop", 1.0)) - prune_drop)

@@ -23,10 +23,19 @@ Channel score (Conv / Gemm output channels; Theis et al. 2018, Molchanov et al. 
 
     s_c = ½ · E_n[(Σ_spatial a_{n,c} · g_{n,c})²]
 
-``a`` is the Conv/Gemm output itself (before any BN / activation that follows), so
-``Σ_spatial a·g`` is the derivative of ℓ_n w.r.t. a mask m_c multiplying channel c, and s_c
-is the second-order (Fisher) estimate of the loss increase of zeroing that channel (its
-weights and bias). Summing over a channel group is left to the consumer (prune).
+``a`` is the tensor that zeroing the channel (its weights and bias) sets to zero, taken as far
+downstream as that stays exact (:func:`channel_tensor`): the Conv/Gemm output y, followed through
+the element-wise activations f with f(0) = 0 that only it reads (Relu, LeakyRelu, HardSwish, Clip
+with min ≤ 0 ≤ max, Identity, and the decomposed forms x·HardSigmoid(x), x·Sigmoid(x)). Zeroing
+the weights and bias gives y_c = 0, hence a_c = f(0) = 0: the same edit. ``Σ_spatial a·g`` is the
+derivative of ℓ_n w.r.t. a mask m_c multiplying a_c (a_c → m_c·a_c, m_c from 1 to 0), and s_c is
+the second-order (Fisher) estimate of the loss increase of zeroing that channel. Why not y: the
+Taylor expansion of ℓ along m_c·y_c crosses the kinks of f, those along m_c·a_c do not. With
+ReLU6, y·∂ℓ/∂y = y·1[0<y<6]·∂ℓ/∂a drops every sample where the channel is saturated (y ≥ 6)
+although zeroing moves a from 6 to 0 there, while a·∂ℓ/∂a counts it; for ReLU both are equal
+(y·relu'(y) = relu(y)). BN that is not folded (BN(0) ≠ 0), a depthwise Conv (bias) or a tensor
+read by several nodes ends the walk: the score is then measured on the last exact tensor.
+Summing over a channel group is left to the consumer (prune).
 
 Tensor sensitivity (every Conv/Gemm/MatMul weight initializer and every activation input of
 those ops, per precision in ``precisions``): the DIRECTIONAL Fisher form with the actual
@@ -63,7 +72,8 @@ an activation: of that sample's activation; for a weight: the per-sample weight 
   on ONNX Runtime targets, symmetric int8 / int4 on TensorRT targets. Min-max is the
   conservative choice: ``calibrate`` may pick tighter ranges later, which lowers the noise.
 
-For a 1x1 Conv the channel score reuses G_n: Σ_spatial y_c·dy_c = <W_c, G_n[c]> + b_c·Σ dy_c.
+When a is the output of a 1x1 Conv itself (no zero-preserving activation follows), the channel
+score reuses G_n: Σ_spatial y_c·dy_c = <W_c, G_n[c]> + b_c·Σ dy_c.
 
 Annotation (``model.annotations["sensitivity"]``, metadata ``hqpc.sensitivity``)::
 
@@ -75,7 +85,7 @@ Annotation (``model.annotations["sensitivity"]``, metadata ``hqpc.sensitivity``)
                 "source", "batch", "precisions", "mean_loss",
                 "activation_grid": {p: {"grid", "symmetric"}}, "activation_ranges": {tensor: [lo, hi]},
                 "activation_qparams": {tensor: {p: {"scale", "zero_point"}}},
-                "layers": {node: {"op", "output", "weight", "inputs"}}},
+                "layers": {node: {"op", "output", "weight", "inputs", "scored"}}},  # scored: the tensor a
      "summary": {"int8_most"|"int8_least"|"int4_most"|"int4_least"|"channel_most"|"channel_least":
                  [[node, value], ...]}}
 
@@ -162,6 +172,50 @@ def find_layers(graph: onnx.GraphProto) -> list[Layer]:
         layer.acts.sort(key=lambda n: list(node.input).index(n))
         layers.append(layer)
     return layers
+
+
+ZERO_PRESERVING = ("Relu", "LeakyRelu", "HardSwish", "Identity")
+GATES = ("HardSigmoid", "Sigmoid")
+
+
+def channel_tensor(index: GraphIndex, layer: Layer) -> str:
+    """The tensor whose channels the Fisher score of ``layer`` is measured on: the layer's output
+    followed through element-wise ops f with f(0) = 0 while the current tensor has exactly one
+    reader (or two: x -> HardSigmoid/Sigmoid -> Mul(x, ·), i.e. hard-swish / swish written out)
+    and is not a graph output. Zeroing the layer's weights and bias zeroes the returned tensor's
+    channel exactly; see the module docstring for why the score is measured there."""
+    name = layer.output
+    while name not in index.outputs:
+        readers = index.consumers.get(name, [])
+        nxt = None
+        if len(readers) == 1:
+            node = readers[0]
+            if node.domain not in ("", "ai.onnx") or node.input[0] != name or len(node.output) != 1:
+                break
+            if node.op_type in ZERO_PRESERVING:
+                nxt = node.output[0]
+            elif node.op_type == "Clip":
+                lo, hi = attributes(node).get("min"), attributes(node).get("max")
+                if len(node.input) > 1 and node.input[1]:
+                    lo = index.constant(node.input[1])
+                if len(node.input) > 2 and node.input[2]:
+                    hi = index.constant(node.input[2])
+                known = all(v is None or (np.size(v) == 1) for v in (lo, hi)) and \
+                    not any(len(node.input) > i and node.input[i] and not index.is_constant(node.input[i]) for i in (1, 2))
+                if known and (lo is None or float(np.asarray(lo).reshape(-1)[0]) <= 0.0) and \
+                        (hi is None or float(np.asarray(hi).reshape(-1)[0]) >= 0.0):
+                    nxt = node.output[0]
+        elif len(readers) == 2:
+            gate = next((n for n in readers if n.op_type in GATES and n.input[0] == name), None)
+            mul = next((n for n in readers if n.op_type == "Mul"), None)
+            if gate is not None and mul is not None and gate is not mul and \
+                    sorted(mul.input) == sorted([name, gate.output[0]]) and \
+                    len(index.consumers.get(gate.output[0], [])) == 1 and gate.output[0] not in index.outputs:
+                nxt = mul.output[0]
+        if nxt is None:
+            break
+        name = nxt
+    return name
 
 
 # --------------------------------------------------------------------------- quantization noise
@@ -471,7 +525,8 @@ def compute_sensitivity(proto: onnx.ModelProto, layers: list[Layer], source: Sou
 
     # ---- the gradient model: d loss / d (layer outputs, activation inputs)
     channel_layers = [layer for layer in layers if layer.channels]
-    wrt = list(dict.fromkeys([layer.output for layer in channel_layers]
+    scored = {layer.name: channel_tensor(index, layer) for layer in channel_layers}
+    wrt = list(dict.fromkeys([scored[layer.name] for layer in channel_layers]
                              + [l.output for ls in weights.values() for l in ls] + acts))
     shapes = _input_shapes(proto, source)
     gm = build_gradient_model(proto, wrt, loss=loss, input_shapes=shapes)
@@ -494,7 +549,9 @@ def compute_sensitivity(proto: onnx.ModelProto, layers: list[Layer], source: Sou
                                                        or not layer.node.input[2]):
             gw = _pointwise_weight_grad(b, layer, w, grad[layer.output])  # [N, Cout, Cin]
         if layer.channels:
-            if gw is not None:  # Σ_hw y·dy = Σ_ci W·G + bias · Σ_hw dy
+            if scored[layer.name] != layer.output:  # after a zero-preserving activation
+                r = b.dot_per_channel(scored[layer.name], grad[scored[layer.name]])
+            elif gw is not None:  # Σ_hw y·dy = Σ_ci W·G + bias · Σ_hw dy
                 r = b.op("ReduceSum", [b.op("Mul", [gw, b.const(w.reshape(w.shape[0], -1), "w2d")], "wg"),
                                        b.const(np.array([2], np.int64), "axes")], "cdot", keepdims=0)
                 if bias is not None:
@@ -556,7 +613,8 @@ def compute_sensitivity(proto: onnx.ModelProto, layers: list[Layer], source: Sou
         else:
             tensors[key] = {p: float(v) for p, v in zip(precisions, value)}
     method = {
-        "channels": "s_c = 1/2 E_n[(sum_spatial a_nc * g_nc)^2], a = Conv/Gemm output, g_n = per-sample dl_n/da",
+        "channels": "s_c = 1/2 E_n[(sum_spatial a_nc * g_nc)^2], a = the Conv/Gemm output followed through "
+                    "zero-preserving activations (layers[node].scored), g_n = per-sample dl_n/da",
         "tensors": "not computed (tensors=false)" if not with_tensors else "1/2 E_n[(g_n . delta_p)^2] (directional empirical Fisher, actual rounding error delta_p); "
                    "weights: g_W.delta = sum(dl/dy * op(x, delta_W)); activations: sum(dl/dx * (fq(x) - x))",
         "weights": "symmetric, zero point 0, narrow grid, per output channel, MSE clipping, QAT grid kept "
@@ -571,7 +629,8 @@ def compute_sensitivity(proto: onnx.ModelProto, layers: list[Layer], source: Sou
         "precisions": list(precisions),
         "mean_loss": loss_sum / max(total, 1),
         "layers": {layer.name: {"op": layer.node.op_type, "output": layer.output, "weight": layer.weight,
-                                "inputs": list(layer.acts)} for layer in layers},
+                                "inputs": list(layer.acts), **({"scored": scored[layer.name]} if layer.name in scored else {})}
+                   for layer in layers},
     }
     return {"channels": channels, "tensors": tensors, "loss": loss, "samples": int(total), "method": method}
 

@@ -222,3 +222,23 @@ def test_predicted_describes_the_emitted_plan_after_the_end_to_end_fallback(monk
     assert ann["predicted"]["loss"] == pytest.approx(int8_loss, rel=1e-4, abs=1e-6)
     assert ann["predicted"]["size_bytes"] == pytest.approx(ann["int8_size_bytes"])
     assert ann["predicted"]["latency_ms"] == pytest.approx(ann["int8_latency_ms"], rel=1e-4)
+
+
+def test_precision_with_non_finite_predicted_loss_is_not_offered(monkeypatch):
+    """An fp16 loss of inf (values beyond the fp16 range) removes fp16 from that layer's options
+    instead of handing the solver a non-finite objective."""
+    from hqpc import registry
+
+    model = Model.load(build_model_from_text(MODEL, seed_base="prec"))
+    logged: list[str] = []
+    ctx = PassContext(opt_level=2, target=load_target("orin"), config={"max_drop": 1.0}, log=logged.append)
+    Calibrate(method="minmax").run(model, ctx)
+    convs = [n for n in model.proto.graph.node if n.op_type in ("Conv", "Gemm")]
+    sens = {n.input[1]: {"int8": (100.0 if i == 0 else 1e-6), "int4": 1.0, "fp16": (float("inf") if i == 0 else 1e-7)}
+            for i, n in enumerate(convs)}
+    model.annotations["sensitivity"] = {"tensors": sens}
+    monkeypatch.setattr(registry, "passes", lambda: {"annotate-sensitivity": object})
+    AssignPrecision(latency_slack=1.0).run(model, ctx)
+    plan = model.annotations["precision"]["plan"]
+    assert plan[convs[0].name] == "fp32"  # int8 far too lossy, fp16 not representable
+    assert any(f"{convs[0].name}: fp16 not offered" in m for m in logged)

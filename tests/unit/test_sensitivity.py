@@ -185,6 +185,71 @@ def test_fisher_scores_and_tensor_sensitivity_match_numpy_cnn(tmp_path):
             assert_close(got["tensors"][name][p], want[p])
 
 
+def saturating_cnn(seed=3):
+    """Conv -> Clip(0, 6) -> Conv(1x1) -> x·HardSigmoid(x) -> depthwise Conv -> Clip(1, 6) ->
+    Conv(1x1) -> (Add with its own Clip input: two readers) -> GAP -> Flatten -> Gemm. Scaled so
+    the ReLU6 saturates for part of the samples."""
+    rng = np.random.default_rng(seed)
+    inits = {"w1": rng.standard_normal((4, 3, 3, 3)) * 2.0, "b1": rng.standard_normal(4) + 2.0,
+             "w2": rng.standard_normal((6, 4, 1, 1)) * 0.6, "b2": rng.standard_normal(6) * 0.3,
+             "wd": rng.standard_normal((6, 1, 3, 3)) * 0.5, "bd": rng.standard_normal(6) * 0.1,
+             "w3": rng.standard_normal((6, 6, 1, 1)) * 0.5, "b3": rng.standard_normal(6) * 0.1,
+             "lo": np.array(0.0), "hi": np.array(6.0), "one": np.array(1.0),
+             "wf": rng.standard_normal((5, 6)) * 0.8, "bf": rng.standard_normal(5) * 0.1}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"], "relu6"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], "conv2"),
+             helper.make_node("HardSigmoid", ["c2"], ["hs"], "hsig", alpha=1 / 6, beta=0.5),
+             helper.make_node("Mul", ["c2", "hs"], ["h2"], "hswish"),
+             helper.make_node("Conv", ["h2", "wd", "bd"], ["cd"], "dw", group=6, pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["cd", "one", "hi"], ["rd"], "clip16"),
+             helper.make_node("Conv", ["rd", "w3", "b3"], ["c3"], "conv3"),
+             helper.make_node("Add", ["c3", "rd"], ["s3"], "add"),
+             helper.make_node("GlobalAveragePool", ["s3"], ["gap"], "gap"),
+             helper.make_node("Flatten", ["gap"], ["flat"], "flatten"),
+             helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], "fc", transB=1)]
+    return _model(nodes, inits, (3, 8, 8))
+
+
+def test_channel_score_is_measured_after_zero_preserving_activations(tmp_path):
+    """a = the tensor that zeroing the channel's weights and bias sets to zero, as far down as
+    that is exact: after Clip(0, 6) and x·HardSigmoid(x); not after Clip(1, 6) (f(0) = 1) and
+    not past a tensor with two readers. The scores equal numpy's ½E[(Σ_spatial a·g)²] there."""
+    from hqpc.graphutil import GraphIndex
+    from hqpc.passes.sensitivity import channel_tensor
+
+    proto = saturating_cnn()
+    index = GraphIndex.build(proto.graph)
+    where = {layer.name: channel_tensor(index, layer) for layer in find_layers(proto.graph)}
+    assert where == {"conv1": "r1", "conv2": "h2", "dw": "cd", "conv3": "c3", "fc": "logits"}
+    spec = npz_spec(tmp_path, (3, 8, 8))
+    x, y = calib_arrays(spec)
+    got = run_pass(proto, spec, precisions="fp16")
+    assert {k: v["scored"] for k, v in got["method"]["layers"].items()} == where
+    grads = per_sample_grads(proto, x, y, set(where.values()))
+    values = activations(proto, x, set(where.values()) | {"c1"})
+    pre = per_sample_grads(proto, x, y, {"c1"})["c1"]
+    c1 = values["c1"].astype(np.float64)
+    assert (c1 > 6).any()  # the ReLU6 saturates for part of the samples
+    for node, name in where.items():
+        a = values[name].astype(np.float64)
+        r = (a * grads[name]).reshape(len(x), a.shape[1], -1).sum(axis=2)
+        assert_close(got["channels"][node], 0.5 * np.mean(r ** 2, axis=0))
+    # measured before the ReLU6 the saturated samples would be missing: the scores differ
+    r_pre = (c1 * pre).reshape(len(x), 4, -1).sum(axis=2)
+    assert not np.allclose(got["channels"]["conv1"], 0.5 * np.mean(r_pre ** 2, axis=0), rtol=1e-2)
+    # zeroing conv1's channel 0 and conv2's channel 1 (weights and bias) zeroes exactly those channels of r1 / h2
+    m = Model.load(proto).proto
+    for t in m.graph.initializer:
+        if t.name in ("w1", "b1", "w2", "b2"):
+            v = numpy_helper.to_array(t).copy()
+            v[0 if t.name.endswith("1") else 1] = 0
+            t.CopyFrom(numpy_helper.from_array(v, t.name))
+    zeroed = activations(m, x, ["r1", "h2"])
+    assert not np.any(zeroed["r1"][:, 0]) and not np.any(zeroed["h2"][:, 1])
+    assert np.any(zeroed["r1"][:, 1:]) and np.any(zeroed["h2"][:, 0])
+
+
 def test_matmul_weights_blockwise_int4_match_numpy(tmp_path):
     proto = mlp_matmul()
     spec = npz_spec(tmp_path, (8,))
