@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hqpc.batch import relax_fixed_batch, restore_fixed_batch
 from hqpc.errors import HqpcError, OutputError, PipelineError
 from hqpc.ir import Model, atomic_write_text
 from hqpc.passmanager import (NumericGuard, Pass, PassContext, PassManager, PassRecord, PrintIRAfter,
@@ -98,7 +99,8 @@ def _validate_disabled(disabled: tuple[str, ...]) -> frozenset[str]:
 
 def guard_feeds_factory(data_spec, seed: int, batch: int) -> tuple[Callable[[Model], dict[str, np.ndarray]], str]:
     """Inputs the numeric guard uses: the first ``batch`` calibration samples when a data spec
-    is given (for single-input models), else seeded random inputs."""
+    is given (for single-input models; no more than a fixed batch dimension allows), else seeded
+    random inputs."""
     cache: dict[str, dict[str, np.ndarray]] = {}
 
     def feeds(model: Model) -> dict[str, np.ndarray]:
@@ -106,7 +108,9 @@ def guard_feeds_factory(data_spec, seed: int, batch: int) -> tuple[Callable[[Mod
         key = str([(i.name, ort_rt.input_shape(i)) for i in inputs])
         if key not in cache:
             if data_spec is not None and len(inputs) == 1:
-                x, _ = data_spec.split("calib").arrays(limit=batch)
+                dims = ort_rt.input_shape(inputs[0])
+                fixed = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
+                x, _ = data_spec.split("calib").arrays(limit=min(batch, fixed or batch))
                 cache[key] = {inputs[0].name: x}
             else:
                 cache[key] = ort_rt.random_feeds(model.proto, seed=seed, batch=batch)
@@ -137,6 +141,8 @@ def compile_model(options: CompileOptions, log: Callable[[str], None] = lambda m
     pass_list, missing = build_passes(options)
     pass_list = _add_requirements(pass_list)
     model = Model.load(options.model)
+    # a batch-polymorphic model with a fixed batch compiles with a free one (hqpc/batch.py)
+    model, fixed_batch = relax_fixed_batch(model, log=log if options.verbosity >= 1 else (lambda m: None))
     data_spec = load_data_spec(Path(options.data) if options.data else None, model)
     feeds, guard_inputs = guard_feeds_factory(data_spec, options.seed, options.guard_batch)
     instruments = [VerifyInstrument(), NumericGuard(feeds)]
@@ -145,6 +151,11 @@ def compile_model(options: CompileOptions, log: Callable[[str], None] = lambda m
     if options.print_ir_after:
         names = "all" if options.print_ir_after == "all" else set(options.print_ir_after.split(","))
         instruments.append(PrintIRAfter(names))
+    from hqpc.contract import SnapshotInstrument, contract_applies, contract_applies_after, enforce_contract
+
+    snapshots = SnapshotInstrument() if (contract_applies(options) or contract_applies_after(options)) else None
+    if snapshots is not None:
+        instruments.append(snapshots)
     ctx = PassContext(opt_level=options.opt_level, target=target, data=data_spec, seed=options.seed,
                       disabled=disabled, instruments=instruments, log=log, guard_batch=options.guard_batch,
                       config={"max_drop": options.max_drop, "verbosity": options.verbosity, **options.extra})
@@ -167,8 +178,15 @@ def compile_model(options: CompileOptions, log: Callable[[str], None] = lambda m
                           opt_level=options.opt_level, pipeline=pipeline_text, seed=options.seed,
                           guard_inputs=guard_inputs, missing=missing, records=manager.records,
                           summary=summary, annotations=model.annotations)
-    return CompileResult(model=model, records=manager.records, pipeline=pipeline_text, report=report,
-                         model_target=target)
+    result = CompileResult(model=model, records=manager.records, pipeline=pipeline_text, report=report,
+                           model_target=target)
+    if contract_applies(options) or contract_applies_after(options, manager.records, data_spec):
+        # the accuracy contract: measure on held-out images, walk back when the budget is broken;
+        # result.model becomes the model the contract chose (hqpc/contract.py)
+        enforce_contract(result, options, log=log, snapshots=snapshots)
+        summary["wall_s"] = round(time.perf_counter() - start, 4)
+    restore_fixed_batch(result.model, fixed_batch)
+    return result
 
 
 def _input_info(model) -> dict:

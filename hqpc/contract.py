@@ -4,7 +4,10 @@
 ≤ max-drop on evaluation images that nothing else used, or say plainly that the pipeline could
 not meet it and emit the best model that does — never a model that breaks the budget silently.
 
-How (:func:`enforce_contract`, called by the driver after the pass pipeline):
+How (:func:`enforce_contract`, called by :func:`hqpc.compiler.compile_model` after the pass
+pipeline whenever :func:`contract_applies` says so, or, for an explicit ``--pipeline``, when
+:func:`contract_applies_after` finds that a lossy or quantization pass changed the model and the
+data spec has a labelled eval split; the emitted model is the one the contract chose):
 
 1. **Images.** The held-out part of the data spec's ``eval`` split: the whole split, minus the
    first ``annotations["prune"]["images"]["search"]`` items when the pruning search used them to
@@ -23,8 +26,9 @@ How (:func:`enforce_contract`, called by the driver after the pass pipeline):
       quantization passes on the cleaned-up model, with the full budget) and, with
       ``contract_retry=True``, ``recompile-tighter`` (the whole pipeline again with max_drop
       scaled by 0.8 · max_drop / measured drop; off by default: it doubles the compile time and
-      did not help on the shared models): of those within the budget, the fastest (interleaved
-      timing); then ``quantized-unpruned-tighter`` (the same with half the budget);
+      did not help on the shared models): of those within the budget, the one with the highest
+      top-1 unless another is more than 5 % faster (interleaved timing), then the fastest;
+      then ``quantized-unpruned-tighter`` (the same with half the budget);
    c. ``cleaned-fp32``: the exact clean-up (-O1) result;
    d. ``input``: the input model itself (drop 0 by definition).
 
@@ -45,6 +49,8 @@ How (:func:`enforce_contract`, called by the driver after the pass pipeline):
        "actions": [{"candidate", "what", "top1", "drop", "within_budget", "latency_ms"?, "wall_s"}],
        "wall_s"}
 
+   After a walk-back ``report["annotations"]`` are the emitted model's (as in its metadata) and
+   ``report["pipeline_annotations"]`` the pipeline result's (pruning search, precision plan).
    With ``met`` ``None`` (and a ``reason``) when the contract could not be checked: no
    ``--data``, a model with several inputs, an empty evaluation split.
 
@@ -66,7 +72,7 @@ import onnx
 from hqpc.ir import Model
 from hqpc.passmanager import Instrument
 
-__all__ = ["SnapshotInstrument", "contract_applies", "enforce_contract", "heldout_dataset", "evaluate"]
+__all__ = ["SnapshotInstrument", "contract_applies", "contract_applies_after", "enforce_contract", "heldout_dataset", "evaluate"]
 
 QUANT_PASSES = ("calibrate", "assign-precision", "insert-qdq")
 
@@ -98,12 +104,45 @@ class SnapshotInstrument(Instrument):
 def contract_applies(options) -> bool:
     """Whether the driver should enforce the contract: -O3, or -O2 with --data; not for an
     explicit ``--pipeline``; not when ``contract=False`` is in the extra options."""
-    extra = getattr(options, "extra", None) or {}
-    if extra.get("contract", True) in (False, "false", "off", 0):
+    if _contract_off(options):
         return False
     if getattr(options, "pipeline", None) is not None:
         return False
     return options.opt_level >= 3 or (options.opt_level == 2 and options.data is not None)
+
+
+def _contract_off(options) -> bool:
+    extra = getattr(options, "extra", None) or {}
+    return extra.get("contract", True) in (False, "false", "off", 0)
+
+
+def _lossy(name: str) -> bool:
+    from hqpc.registry import get_pass
+
+    if name in QUANT_PASSES:
+        return True
+    try:
+        info = get_pass(name).info
+    except Exception:
+        return False
+    return info.tolerance is not None and not info.analysis
+
+
+def contract_applies_after(options, records: list | None = None, data_spec=None) -> bool:
+    """The contract for an explicit ``--pipeline`` (which :func:`contract_applies` leaves out):
+    it applies when ``--data`` is given, a lossy or quantization pass changed the model (and was
+    kept), and the data's eval split is non-empty and labelled. With ``records`` None (before the
+    run) it says whether the run may need the contract, i.e. whether to add the
+    :class:`SnapshotInstrument`."""
+    if _contract_off(options) or getattr(options, "pipeline", None) is None or options.data is None:
+        return False
+    if records is None:
+        return True
+    if not any(r.modified and not r.rolled_back and _lossy(r.name) for r in records):
+        return False
+    if data_spec is None:
+        return False
+    return data_spec.eval > 0 and data_spec.labels is not None
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -193,6 +232,9 @@ def enforce_contract(result, options, log: Callable[[str], None] = lambda m: Non
     def finish(model: Model | None = None) -> dict:
         contract["wall_s"] = round(time.perf_counter() - start, 2)
         if model is not None and model is not result.model:
+            # the report's annotations describe the emitted model; the pipeline's (pruning search,
+            # precision plan of the model that was not emitted) stay in the report for reference
+            report["pipeline_annotations"] = result.model.annotations
             result.model = model
             summary = report.setdefault("summary", {})
             summary["nodes_after"], summary["params_after"] = model.node_count(), model.param_count()
@@ -280,6 +322,8 @@ def enforce_contract(result, options, log: Callable[[str], None] = lambda m: Non
                 return None
             if model is None:
                 return None
+            if "quantiz" in name and not any(n.op_type == "DequantizeLinear" for n in model.proto.graph.node):
+                what += " (the precision plan kept every layer float)"
             top1 = measure(name, model)
             d = base_top1 - top1
             ok = d <= max_drop + 1e-9
@@ -324,8 +368,8 @@ def enforce_contract(result, options, log: Callable[[str], None] = lambda m: Non
                 for action in actions:
                     if action["candidate"] in timing:
                         action["latency_ms"] = round(timing[action["candidate"]]["median_ms"], 4)
-                fits.sort(key=lambda f: timing[f[0]]["median_ms"])
-            if fits:
+                found = _fastest(fits, {n: timing[n]["median_ms"] for n in timing})
+            elif fits:
                 found = fits[0]
         # b2. the quantization passes on the cleaned-up model with half the budget
         if found is None and snap is not None and snap.quant_specs and cleaned is not None and (pruned or quantized):
@@ -392,6 +436,17 @@ def enforce_contract(result, options, log: Callable[[str], None] = lambda m: Non
                          "note": "serialized model without hqpc.* metadata annotations"}
     contract["size_ratio"] = round(final_bytes / base_bytes, 4) if base_bytes else None
     return finish(chosen)
+
+
+def _fastest(fits: list, latency_ms: dict[str, float], margin: float = 0.05):
+    """Of the candidates within budget, the preferred one (highest top-1, then the order tried)
+    unless another is faster by more than ``margin``; then the fastest. The margin keeps timing
+    noise from flipping the choice (and so the emitted bytes) between runs."""
+    preferred = sorted(fits, key=lambda f: -f[2])[0]
+    fastest = min(fits, key=lambda f: latency_ms[f[0]])
+    if latency_ms[fastest[0]] < (1.0 - margin) * latency_ms[preferred[0]]:
+        return fastest
+    return preferred
 
 
 def _deterministic(value: Any) -> Any:

@@ -386,7 +386,7 @@ def render_report_html(report: dict, model: onnx.ModelProto | None = None, origi
     # charts
     if mpl:
         charts = []
-        prune = ann.get("prune") or {}
+        prune = ann.get("prune") or (report.get("pipeline_annotations") or {}).get("prune") or {}
         curve = _prune_curve_png(prune)
         if curve:
             charts.append("<h3>Pruning search: accuracy vs speed-up</h3>" + _img(curve, "pruning search curve"))

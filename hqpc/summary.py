@@ -70,6 +70,10 @@ def _pt(value: Any) -> str:
     return "?" if value is None else f"{float(value):.2f}"
 
 
+def _ms(value: Any) -> str:
+    return "?" if value is None else f"{float(value):.3g}"
+
+
 def _bytes(n: Any) -> str:
     if n is None:
         return "?"
@@ -122,19 +126,36 @@ def _contract_lines(c: dict) -> list[tuple[str, str, str]]:
     verdict = "met" if c.get("met") else "NOT MET"
     style = "green" if c.get("met") and c.get("pipeline_met", True) else ("yellow" if c.get("met") else "bold red")
     out.append(("drop", f"{_pt(c.get('drop'))} pt (budget {_pt(c.get('max_drop'))} pt: {verdict})", style))
-    if c.get("walked_back"):
-        out.append(("walked back", c.get("message", ""), "yellow"))
+    if c.get("walked_back") or c.get("pipeline_met") is False:
+        pipeline_drop = None
+        if c.get("baseline_top1") is not None and c.get("pipeline_top1") is not None:
+            pipeline_drop = float(c["baseline_top1"]) - float(c["pipeline_top1"])
+        out.append(("budget", f"NOT MET by the pipeline's model (drop {_pt(pipeline_drop)} pt > "
+                    f"{_pt(c.get('max_drop'))} pt)", "bold yellow"))
+        what = next((a.get("what") for a in c.get("actions") or [] if a.get("candidate") == c.get("emitted")), None)
+        emitted = f"'{c.get('emitted')}' instead" + (f": {what}" if what else "")
+        emitted += f" (drop {_pt(c.get('drop'))} pt, {'within' if c.get('met') else 'OVER'} the budget)"
+        out.append(("emitted", emitted, "yellow" if c.get("met") else "bold red"))
+        tried = [f"{a.get('candidate')} "
+                 + (f"{_pt(a.get('drop'))} pt" if a.get("drop") is not None else "failed")
+                 for a in c.get("actions") or []]
+        if tried:
+            out.append(("tried", ", ".join(tried), ""))
     split = c.get("budget_split") or {}
     if split:
         out.append(("budget spent", f"pruning {_pt(split.get('pruning'))} pt, quantization "
                     f"{_pt(split.get('quantization'))} pt", ""))
     if c.get("latency_speedup") is not None:
         lat = c.get("latency_ms") or {}
-        out.append(("latency", f"{_pt(lat.get('baseline'))} → {_pt(lat.get('final'))} ms "
-                    f"(× {float(c['latency_ratio']):.3f}, {float(c['latency_speedup']):.2f}× faster; "
-                    "ONNX Runtime CPU, 1 thread, batch 1)", ""))
+        speedup = float(c["latency_speedup"])
+        faster = f"{speedup:.2f}× faster" if round(speedup, 2) >= 1 else f"{1 / speedup:.2f}× slower"
+        out.append(("latency", f"{_ms(lat.get('baseline'))} → {_ms(lat.get('final'))} ms "
+                    f"(× {float(c['latency_ratio']):.3f}, {faster}; ONNX Runtime CPU, 1 thread, batch 1)", ""))
     if c.get("size_ratio") is not None:
-        out.append(("size ratio", f"× {float(c['size_ratio']):.3f} ({(1 - float(c['size_ratio'])) * 100:.1f} % smaller)", ""))
+        b = c.get("bytes") or {}
+        out.append(("model size", f"{_bytes(b.get('baseline'))} → {_bytes(b.get('final'))} "
+                    f"(× {float(c['size_ratio']):.3f}, {(1 - float(c['size_ratio'])) * 100:.1f} % smaller; "
+                    "without hqpc metadata)", ""))
     return out
 
 

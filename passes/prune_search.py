@@ -154,6 +154,9 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(math.exp((lo + hi) / 2.0))
 
 
+PROBE_BATCH = 32                 # images per ORT run when collecting reconstruction statistics ...
+PROBE_BATCH_BYTES = 192 << 20    # ... unless their activations would exceed this (MobileNetV2 at 224²: 3)
+
 class DropEstimate:
     """Selection-robust estimate of a candidate's top-1 drop, used for the accept decision.
 
@@ -408,6 +411,7 @@ class Prober:
         self.reference = _logits(m0, self.eval_images)
         self.targets: dict[str, list[np.ndarray]] = {}
         self.current = None
+        self.batch_size: int | None = None
 
     def _specs(self, proto):
         from hqpc.graphutil import GraphIndex
@@ -423,6 +427,20 @@ class Prober:
         per_image = max(1, int(np.ceil(budget / max(1, len(self.images)))))
         return _positions(spec, n, hw, rng, per_image)
 
+    def _batch_size(self, shapes, specs) -> int:
+        """Images per ORT run so that the requested activations (every consumer's input and
+        output, float32, unpruned shapes) stay within ``PROBE_BATCH_BYTES``; fixed for the
+        search, since the sampled positions are seeded per batch index."""
+        if self.batch_size is None:
+            per_image = 0
+            for s in specs.values():
+                for tensor in (s.x, s.y):
+                    shape = shapes.shape(tensor)
+                    if shape and all(isinstance(d, int) and d > 0 for d in shape[1:]):
+                        per_image += 4 * int(np.prod(shape[1:]))
+            self.batch_size = int(max(1, min(PROBE_BATCH, PROBE_BATCH_BYTES // max(1, per_image))))
+        return self.batch_size
+
     def prepare(self, current: onnx.ModelProto, plan) -> None:
         """Accumulate the matrices for the model pruned by ``plan`` (and refit)."""
         from hqpc.passes._rewrite import ShapeTable
@@ -435,7 +453,8 @@ class Prober:
             shape = shapes.shape(s.y)
             hw[c] = (int(shape[2]), int(shape[3])) if s.op == "Conv" else (1, 1)
         input_name = ort_rt.graph_inputs(current)[0].name
-        batches = [self.images[i:i + 32] for i in range(0, len(self.images), 32)]
+        size = self._batch_size(shapes, self._specs(self.m0))
+        batches = [self.images[i:i + size] for i in range(0, len(self.images), size)]
         names = sorted(specs)
         missing = [c for c in names if c not in self.targets]
         if missing:

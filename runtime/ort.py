@@ -23,20 +23,22 @@ _GRAPH_OPT = {
 }
 
 
-def session(model: onnx.ModelProto, threads: int = 1, optimization: str = "basic") -> ort.InferenceSession:
-    """Create a CPU InferenceSession for ``model`` (annotations in metadata are harmless)."""
+def session(model: onnx.ModelProto, threads: int = 1, optimization: str = "basic",
+            quiet: bool = False) -> ort.InferenceSession:
+    """Create a CPU InferenceSession for ``model`` (annotations in metadata are harmless);
+    ``quiet``: ONNX Runtime logs nothing, not even the errors a probe expects."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = _GRAPH_OPT[optimization]
-    options.log_severity_level = 3
+    options.log_severity_level = 4 if quiet else 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int = 1,
-        optimization: str = "basic") -> dict[str, np.ndarray]:
+        optimization: str = "basic", quiet: bool = False) -> dict[str, np.ndarray]:
     """Run ``model`` once on ``feeds``; returns every graph output by name."""
-    sess = session(model, threads=threads, optimization=optimization)
+    sess = session(model, threads=threads, optimization=optimization, quiet=quiet)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
 

@@ -205,3 +205,142 @@ def test_fixed_batch_models_are_evaluated(tmp_path):
     x = np.random.default_rng(0).normal(size=(7, IN)).astype(np.float32)
     pred = C.predictions(proto, x, threads=1)
     assert pred.tolist() == (x @ w.T).argmax(1).tolist()
+
+
+# --------------------------------------------------------------------------- through the driver, CLI and API
+from hqpc.passmanager import Pass, PassInfo  # noqa: E402
+from hqpc.runtime.compare import Tolerance  # noqa: E402
+
+
+class PerturbWeights(Pass):
+    """A lossy test pass: adds seeded noise of ``scale`` (pipeline option, else the
+    ``perturb_scale`` extra option) to every weight; its reference is its own result."""
+
+    info = PassInfo("test-perturb-weights", opt_level=2, tolerance=Tolerance(atol=1e-6, rtol=1e-6))
+    options = {"scale": -1.0}
+
+    def run(self, model, ctx):
+        scale = self.config["scale"] if self.config["scale"] >= 0 else float(ctx.config.get("perturb_scale", 0.0))
+        if scale == 0:
+            return False
+        rng = np.random.default_rng(2)
+        for t in model.proto.graph.initializer:
+            a = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array((a + scale * rng.normal(size=a.shape)).astype(a.dtype), t.name))
+        return True
+
+    def reference(self, before, after, ctx):
+        return after.copy()
+
+
+@pytest.fixture
+def perturb(monkeypatch):
+    """The test pass registered, and -O3 = fold-constants, test-perturb-weights, eliminate-dead-code."""
+    from hqpc import registry
+
+    registry.register_pass(PerturbWeights)
+    monkeypatch.setitem(registry.PIPELINES, 3, ["fold-constants", "test-perturb-weights", "eliminate-dead-code"])
+    yield
+    registry.unregister_pass(PerturbWeights.info.name)
+
+
+def _weights(path) -> np.ndarray:
+    return numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0])
+
+
+def test_o3_cli_walks_back_and_says_so(setup, perturb, tmp_path, capsys):
+    """The -O3 pipeline breaks the budget: the CLI emits the clean-up result, the report and the
+    summary say plainly that the budget was not met by the pipeline and what was emitted."""
+    from hqpc.cli import main
+
+    w, data, path = setup
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    # the fixture's labels are the input's own predictions: any noticeable perturbation costs points
+    code = main([str(path), "-O3", "--data", str(data), "--max-drop", "1.0", "-o", str(out), "--report", str(rep)])
+    assert code == 0
+    err = capsys.readouterr().err
+    import json
+
+    report = json.loads(rep.read_text())
+    c = report["contract"]
+    # the default perturb_scale is 0: nothing changed, budget met
+    assert c["emitted"] == "compiled" and c["met"] and c["drop"] == 0.0
+    # a perturbation that breaks the budget, in the -O3 pipeline, set through an API keyword option
+    import hqpc
+
+    result = hqpc.compile(path, level=3, data=data, max_drop=1.0, output=out, report=rep, perturb_scale=3.0,
+                          contract_latency_runs=3)
+    c = result.report["contract"]
+    assert not c["pipeline_met"] and c["walked_back"] and c["met"] and c["emitted"] == "cleaned-fp32"
+    assert c["pipeline_top1"] < 99.0 - 1.0 and c["final_top1"] == 100.0 and c["drop"] <= 1.0
+    assert [a["candidate"] for a in c["actions"]] == ["cleaned-fp32"]
+    np.testing.assert_array_equal(_weights(out), w)  # the emitted file is the model the contract chose
+    saved = json.loads(rep.read_text())
+    assert saved["contract"]["emitted"] == "cleaned-fp32" and saved["annotations"]["contract"]["emitted"] == "cleaned-fp32"
+    assert "pipeline_annotations" in saved and saved["summary"]["bytes_after"] == len(result.model.serialized())
+    assert err  # the first run printed its summary
+
+
+def test_o3_cli_summary_names_the_emitted_model(setup, perturb, tmp_path, capsys):
+    from hqpc.cli import main
+
+    w, data, path = setup
+    out = tmp_path / "o.onnx"
+    assert main([str(path), "-O3", "--data", str(data), "--pipeline", "fold-constants,test-perturb-weights{scale=3}",
+                 "--max-drop", "0.5", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "NOT MET by the pipeline's model" in err and "'cleaned-fp32' instead" in err
+    assert "contract: the pipeline's model dropped" in err
+    np.testing.assert_array_equal(_weights(out), w)
+    # -q: nothing on stderr, same model
+    assert main([str(path), "-O3", "--data", str(data), "--pipeline", "fold-constants,test-perturb-weights{scale=3}",
+                 "--max-drop", "0.5", "-o", str(out), "-q"]) == 0
+    assert capsys.readouterr().err == ""
+    np.testing.assert_array_equal(_weights(out), w)
+
+
+def test_explicit_pipeline_with_a_small_change_keeps_it(setup, perturb, tmp_path):
+    import hqpc
+
+    w, data, path = setup
+    result = hqpc.compile(path, pipeline="test-perturb-weights{scale=0.001}", data=data, max_drop=1.0,
+                          contract_latency_runs=0)
+    c = result.report["contract"]
+    assert c["met"] and c["emitted"] == "compiled" and not c["walked_back"]
+    assert not np.array_equal(numpy_helper.to_array(result.model.proto.graph.initializer[0]), w)
+    # no data, or the contract switched off: no contract in the report
+    assert "contract" not in hqpc.compile(path, pipeline="test-perturb-weights{scale=3}").report
+    off = hqpc.compile(path, pipeline="test-perturb-weights{scale=3}", data=data, contract=False)
+    assert "contract" not in off.report
+    # unlabelled data and an explicit pipeline: not applied (the brief: labelled eval split)
+    assert "contract" not in hqpc.compile(path, pipeline="test-perturb-weights{scale=3}",
+                                          data=data.with_name("u.toml")).report
+
+
+def test_o3_without_data_reports_not_checked(setup, perturb):
+    import hqpc
+
+    w, data, path = setup
+    c = hqpc.compile(path, level=3).report["contract"]
+    assert c["met"] is None and "no --data" in c["reason"]
+
+
+def test_o3_contract_on_a_real_pipeline_is_deterministic(setup, tmp_path):
+    """The real -O3 pipeline (no test pass) on the tiny classifier: contract reported, same bytes twice."""
+    import hqpc
+
+    w, data, path = setup
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"o{i}.onnx"
+        result = hqpc.compile(path, level=3, data=data, max_drop=1.0, output=out, contract_latency_runs=3)
+        outs.append(onnx.load(str(out)))
+    c = result.report["contract"]
+    assert c["met"] and c["eval_images"] > 0 and c["baseline_top1"] == 100.0
+    for key in ("baseline_top1", "final_top1", "drop", "latency_ratio", "size_ratio", "budget_split", "actions"):
+        assert key in c, key
+    # same graph, and the contract's metadata holds no timings (the precision plan's annotation
+    # records measured per-layer latencies, so whole-file bytes are compared elsewhere)
+    assert outs[0].graph.SerializeToString(deterministic=True) == outs[1].graph.SerializeToString(deterministic=True)
+    meta = [{p.key: p.value for p in o.metadata_props}["hqpc.contract"] for o in outs]
+    assert meta[0] == meta[1] and "latency" not in meta[0] and "wall" not in meta[0]

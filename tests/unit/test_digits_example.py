@@ -173,3 +173,52 @@ def test_onnxruntime_accuracy(data: tuple[np.ndarray, np.ndarray]) -> None:
     assert logits.shape == (x.shape[0], 10)
     accuracy = float((logits.argmax(axis=1) == y).mean())
     assert accuracy > 0.9
+
+
+def _contract_run(tmp_path: Path, level: str, *extra: str) -> tuple[dict, str]:
+    import json
+
+    from hqpc.cli import main
+
+    out, report, page = tmp_path / "d.onnx", tmp_path / "d.json", tmp_path / "d.html"
+    code = main([str(MODEL_PATH), level, "--target", "cpu", "--data", str(SPEC_PATH), "-o", str(out),
+                 "--report", str(report), "--report-html", str(page), *extra])
+    assert code == 0
+    assert page.read_text().startswith("<!DOCTYPE html>")
+    return json.loads(report.read_text()), str(out)
+
+
+def _check_contract(report: dict, out: str, max_drop: float) -> dict:
+    c = report["contract"]
+    assert c["metric"] == "top1" and c["eval_images"] > 0 and c["calib_images"] == 150
+    assert c["met"] is True and c["drop"] <= max_drop + 1e-9 and c["max_drop"] == max_drop
+    assert c["walked_back"] == (c["emitted"] != "compiled") and c["message"]
+    assert c["latency_ratio"] > 0 and c["size_ratio"] > 0 and set(c["budget_split"]) >= {"pruning", "quantization"}
+    # the emitted file is the model the contract measured: re-measure its top-1 on the same images
+    from hqpc import contract as C
+    from hqpc.ir import Model
+    from hqpc.runtime.data import DataSpec
+
+    ds, _ = C.heldout_dataset(DataSpec.load(SPEC_PATH), Model.load(out).annotations)
+    x, y = ds.arrays()
+    assert len(x) == c["eval_images"]
+    top1, _ = C.evaluate(onnx.load(out), x, y, None, threads=1)
+    assert round(top1, 3) == c["final_top1"]
+    return c
+
+
+def test_o2_with_data_runs_the_contract(tmp_path: Path, capsys) -> None:
+    """-O2 with --data on the shipped model (a few seconds): contract measured and reported."""
+    report, out = _contract_run(tmp_path, "-O2", "--max-drop", "1.0")
+    _check_contract(report, out, 1.0)
+    assert "baseline top-1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_readme_o3_command_meets_the_budget(tmp_path: Path, capsys) -> None:
+    """The README's first command (-O3, default budget 1.0): the drop on the held-out images is within
+    the budget, or the summary says plainly what was emitted instead."""
+    report, out = _contract_run(tmp_path, "-O3")
+    c = _check_contract(report, out, 1.0)
+    err = capsys.readouterr().err
+    assert ("NOT MET by the pipeline" in err) == (not c["pipeline_met"])

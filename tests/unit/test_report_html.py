@@ -145,3 +145,26 @@ def test_api_writes_report_html_when_outputs_are_written(tmp_path):
     page = tmp_path / "r.html"
     hqpc.compile(tiny_model(), level=1, output=tmp_path / "o.onnx", report_html=page)
     parse(page.read_text())
+
+
+def test_api_writes_report_html_alone(tmp_path):
+    """report_html is enough to write something (like --report-html), and it is checked like an output."""
+    page = tmp_path / "only.html"
+    result = hqpc.compile(tiny_model(), level=1, report_html=page)
+    parse(page.read_text())
+    assert result.output_path is None and not (tmp_path / "o.onnx").exists()
+
+
+def test_page_of_a_walked_back_contract():
+    report = rich_report()
+    report["contract"] = {"metric": "top1", "baseline_top1": 90.0, "final_top1": 89.5, "pipeline_top1": 87.0,
+                          "drop": 0.5, "max_drop": 1.0, "met": True, "pipeline_met": False, "walked_back": True,
+                          "emitted": "pruned-fp32", "eval_images": 100, "calib_images": 20,
+                          "message": "the pipeline's model dropped 3.00 pt > 1.00 pt; could not meet the budget",
+                          "actions": [{"candidate": "pruned-fp32", "what": "the pruned model without quantization",
+                                       "top1": 89.5, "drop": 0.5, "within_budget": True, "latency_ms": 1.0}],
+                          "latency_ms": {"baseline": 2.0, "final": 1.0}, "latency_ratio": 0.5, "latency_speedup": 2.0}
+    text = R.render_report_html(report)
+    parse(text)
+    assert "NOT MET by the pipeline" in text and "Accuracy contract: walk-back" in text
+    assert "&#x27;pruned-fp32&#x27; instead" in text or "'pruned-fp32' instead" in text

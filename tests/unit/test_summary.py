@@ -57,10 +57,22 @@ def test_contract_lines_met_and_walked_back():
     for needle in ("71.80", "70.60", "1.20 pt (budget 1.50 pt: met)", "250 held-out", "3.33× faster",
                    "75.0 % smaller", "pruning 0.90 pt, quantization 0.30 pt"):
         assert needle in text, needle
-    contract.update(pipeline_met=False, walked_back=True, emitted="pruned-fp32",
-                    message="the pipeline's model dropped 2.40 pt > 1.50 pt; could not meet the budget")
-    labels = {label: value for label, value, _ in result_lines(_report(contract=contract))}
-    assert "could not meet the budget" in labels["walked back"]
+    assert "NOT MET" not in text and "emitted" not in text
+    contract.update(pipeline_met=False, walked_back=True, emitted="pruned-fp32", pipeline_top1=69.4,
+                    message="the pipeline's model dropped 2.40 pt > 1.50 pt; could not meet the budget",
+                    actions=[{"candidate": "requantize", "what": "quantization again", "top1": 69.9, "drop": 1.9,
+                              "within_budget": False},
+                             {"candidate": "pruned-fp32", "what": "the pruned model without quantization",
+                              "top1": 70.6, "drop": 1.2, "within_budget": True}])
+    lines = {label: (value, style) for label, value, style in result_lines(_report(contract=contract))}
+    assert lines["budget"][0] == "NOT MET by the pipeline's model (drop 2.40 pt > 1.50 pt)"
+    assert lines["emitted"][0].startswith("'pruned-fp32' instead: the pruned model without quantization")
+    assert "within the budget" in lines["emitted"][0] and lines["drop"][1] == "yellow"
+    assert lines["tried"][0] == "requantize 1.90 pt, pruned-fp32 1.20 pt"
+    text = _text(_report(contract=contract))
+    assert "NOT MET by the pipeline" in text and "'pruned-fp32' instead" in text
+    contract.update(latency_speedup=0.8, latency_ratio=1.25)
+    assert "1.25× slower" in _text(_report(contract=contract))
     unchecked = {label: value for label, value, _ in result_lines(_report(contract={"met": None, "reason": "no --data"}))}
     assert "not checked: no --data" in unchecked["accuracy contract"]
 
