@@ -41,6 +41,7 @@ class FixedBatch:
 
     inputs: dict[str, int] = field(default_factory=dict)
     outputs: dict[str, int] = field(default_factory=dict)
+    reshapes: list[str] = field(default_factory=list)  # Reshape nodes whose target got a leading 0
 
 
 def fixed_batch_dims(proto: onnx.ModelProto) -> FixedBatch:
@@ -87,7 +88,8 @@ def relax_fixed_batch(model: Model, log=lambda message: None) -> tuple[Model, Fi
     relaxed = _with_leading_dims(model.proto, {**{n: BATCH_PARAM for n in fixed.inputs},
                                                **{n: BATCH_PARAM for n in fixed.outputs}})
     batch = next(iter(fixed.inputs.values()))
-    rewritten = _batch_following_reshapes(relaxed, _leading_dims(model.proto), batch)
+    fixed.reshapes = _batch_following_reshapes(relaxed, _leading_dims(model.proto), batch)
+    rewritten = len(fixed.reshapes)
     reason = _polymorphism_failure(model.proto, relaxed, fixed)
     if reason:
         log(f"batch: the graph is not batch-polymorphic ({reason}); data-driven passes run with batch "
@@ -108,15 +110,15 @@ def _leading_dims(proto: onnx.ModelProto) -> dict[str, int | str | None]:
     return {v.name: (ort_rt.input_shape(v) or [None])[0] for v in values}
 
 
-def _batch_following_reshapes(proto: onnx.ModelProto, leading: dict[str, int | str | None], batch: int) -> int:
+def _batch_following_reshapes(proto: onnx.ModelProto, leading: dict[str, int | str | None], batch: int) -> list[str]:
     """Set the leading entry of constant Reshape targets ``[B, ...]`` whose data has leading dim
-    ``B`` to 0 (copy from the input; ``allowzero`` must be 0), in place; returns how many."""
+    ``B`` to 0 (copy from the input; ``allowzero`` must be 0), in place; returns those nodes."""
     inits = {t.name: t for t in proto.graph.initializer}
     uses: dict[str, int] = {}
     for node in proto.graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
-    count = 0
+    changed: list[str] = []
     for node in proto.graph.node:
         if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
@@ -128,17 +130,24 @@ def _batch_following_reshapes(proto: onnx.ModelProto, leading: dict[str, int | s
         shape = numpy_helper.to_array(target)
         if shape.ndim != 1 or len(shape) < 1 or int(shape[0]) != batch:
             continue
-        shape = shape.copy()
-        shape[0] = 0
-        name = node.input[1] if uses.get(node.input[1], 0) == 1 else f"{node.input[1]}__batch_{node.name}"
-        tensor = numpy_helper.from_array(shape.astype(np.int64), name)
-        if name == node.input[1]:
-            target.CopyFrom(tensor)
-        else:
-            proto.graph.initializer.append(tensor)
-            node.input[1] = name
-        count += 1
-    return count
+        _set_leading_entry(proto, node, inits, uses, shape, 0)
+        changed.append(node.name)
+    return changed
+
+
+def _set_leading_entry(proto: onnx.ModelProto, node: onnx.NodeProto, inits: dict, uses: dict,
+                       shape: np.ndarray, value: int) -> None:
+    """Give ``node``'s constant Reshape target ``shape`` the leading entry ``value`` (a private
+    copy of the initializer when other nodes read it too)."""
+    shape = shape.copy()
+    shape[0] = value
+    name = node.input[1] if uses.get(node.input[1], 0) == 1 else f"{node.input[1]}__batch_{node.name}"
+    tensor = numpy_helper.from_array(shape.astype(np.int64), name)
+    if name == node.input[1]:
+        inits[name].CopyFrom(tensor)
+    else:
+        proto.graph.initializer.append(tensor)
+        node.input[1] = name
 
 
 def _polymorphism_failure(original: onnx.ModelProto, relaxed: onnx.ModelProto, fixed: FixedBatch) -> str | None:
@@ -165,6 +174,17 @@ def restore_fixed_batch(model: Model, fixed: FixedBatch | None) -> Model:
         return model
     dims = {**fixed.inputs, **fixed.outputs}
     restored = _with_leading_dims(model.proto, {n: b for n, b in dims.items()})
+    batch = next(iter(fixed.inputs.values()))
+    inits = {t.name: t for t in restored.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in restored.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    for node in restored.graph.node:  # the Reshape targets relax_fixed_batch rewrote get B back
+        if node.name in fixed.reshapes and node.op_type == "Reshape" and node.input[1] in inits:
+            shape = numpy_helper.to_array(inits[node.input[1]])
+            if shape.ndim == 1 and len(shape) and int(shape[0]) == 0:
+                _set_leading_entry(restored, node, inits, uses, shape, batch)
     restored = infer_shapes(restored)
     model.replace_graph_proto(restored.graph)
     return model

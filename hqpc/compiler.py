@@ -141,8 +141,11 @@ def compile_model(options: CompileOptions, log: Callable[[str], None] = lambda m
     pass_list, missing = build_passes(options)
     pass_list = _add_requirements(pass_list)
     model = Model.load(options.model)
-    # a batch-polymorphic model with a fixed batch compiles with a free one (hqpc/batch.py)
-    model, fixed_batch = relax_fixed_batch(model, log=log if options.verbosity >= 1 else (lambda m: None))
+    # with --data, a batch-polymorphic model with a fixed batch compiles with a free one, so the
+    # data-driven passes can run batches (hqpc/batch.py); without data, shapes stay static (foldable)
+    fixed_batch = None
+    if options.data:
+        model, fixed_batch = relax_fixed_batch(model, log=log if options.verbosity >= 1 else (lambda m: None))
     data_spec = load_data_spec(Path(options.data) if options.data else None, model)
     feeds, guard_inputs = guard_feeds_factory(data_spec, options.seed, options.guard_batch)
     instruments = [VerifyInstrument(), NumericGuard(feeds)]

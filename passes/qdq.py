@@ -62,6 +62,7 @@ from hqpc.runtime.compare import Tolerance
 
 QDQ_TOLERANCE = Tolerance(atol=5e-2, rtol=5e-2)
 BIAS_SAMPLES = 128
+BIAS_BATCH = 4   # samples per ORT run of the bias-correction probes (one extra output per layer)
 GPTQ_SAMPLES = 64
 
 
@@ -210,12 +211,12 @@ class InsertQDQ(Pass):
             return {"applied": False, "reason": "off" if mode == "off" else "no quantized layer with a bias"}
         if ctx.data is None and mode == "auto":
             return {"applied": False, "reason": "no calibration data (--data)"}
-        feeds = list(calibration_batches(model, ctx, 2 * BIAS_SAMPLES, batch=16))
+        feeds = list(calibration_batches(model, ctx, 2 * BIAS_SAMPLES, batch=BIAS_BATCH))
         xs = np.concatenate([next(iter(f.values())) for f in feeds])
         name = next(iter(feeds[0]))
         half = max(1, len(xs) // 2)
-        fit = [{name: xs[i:i + 16]} for i in range(0, half, 16)]
-        check = [{name: xs[i:i + 16]} for i in range(half, len(xs), 16)] or fit
+        fit = [{name: xs[i:min(i + BIAS_BATCH, half)]} for i in range(0, half, BIAS_BATCH)]
+        check = [{name: xs[i:i + BIAS_BATCH]} for i in range(half, len(xs), BIAS_BATCH)] or fit
         index = P.GraphIndex.build(model.proto.graph)
         by_name = {n.name: n for n in model.proto.graph.node}
         deltas = {}
@@ -225,8 +226,8 @@ class InsertQDQ(Pass):
         shifts = bias_correction(model.proto, deltas, fit)
         before_ref = P.reference_model(model, placement)
         out = model.proto.graph.output[0].name
-        float_out = [ort_rt.run(model.proto, f)[out] for f in check]
-        err_before = output_error(float_out, [ort_rt.run(before_ref.proto, f)[out] for f in check])
+        float_out = outputs_over(model.proto, check, out)
+        err_before = output_error(float_out, outputs_over(before_ref.proto, check, out))
         saved = {n: targets[n].bias.copy() for n in targets}
         applied = 0
         for n, spec in targets.items():
@@ -235,13 +236,19 @@ class InsertQDQ(Pass):
                 spec.bias = (spec.bias.astype(np.float64) - shift).astype(np.float32)
                 applied += 1
         after_ref = P.reference_model(model, placement)
-        err_after = output_error(float_out, [ort_rt.run(after_ref.proto, f)[out] for f in check])
+        err_after = output_error(float_out, outputs_over(after_ref.proto, check, out))
         keep = mode == "on" or err_after < err_before
         if not keep:
             for n, b in saved.items():
                 targets[n].bias = b
         return {"applied": bool(keep), "layers": applied, "error_before": float(err_before),
                 "error_after": float(err_after), "fit_samples": half, "check_samples": len(xs) - half}
+
+
+def outputs_over(proto: onnx.ModelProto, feeds: list[dict], output: str) -> list[np.ndarray]:
+    """``output`` of ``proto`` on every feed, from one ONNX Runtime session."""
+    session = ort_rt.session(proto)
+    return [session.run([output], f)[0] for f in feeds]
 
 
 def decompose_hardswish(model) -> list[str]:
