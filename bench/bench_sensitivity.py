@@ -44,6 +44,8 @@ Writes bench/results/sensitivity.md (markdown tables) and bench/results/sensitiv
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import argparse
 import copy
 import hashlib
@@ -389,12 +391,7 @@ def diagnose(proto, ann, x, y, base, threads, fraction, singles, log) -> dict:
 
     squeeze = {u["block"] for u in units if feeds_only_gates(u["block"])}
     low = [units[i] for i in order[:max(1, int(round(fraction * len(units))))]]
-    size: dict[str, int] = {}
-    for u in units:
-        size[u["block"]] = size.get(u["block"], 0) + 1
-    taken: dict[str, int] = {}
-    for u in low:
-        taken[u["block"]] = taken.get(u["block"], 0) + 1
+    size, taken = block_counts(units), block_counts(low)
     heavy = {b for b, n in taken.items() if n > size[b] / 2 and b not in squeeze}
     parts = {"se_squeeze": [u for u in low if u["block"] in squeeze],
              "layers_over_half_taken": [u for u in low if u["block"] in heavy],
@@ -464,13 +461,13 @@ def _zeroing(proto, units, x, y, base, threads, fraction: float, scope: str, ran
     return out
 
 
+def block_counts(units) -> Counter:
+    """Number of units per block (layer or channel group)."""
+    return Counter(u["block"] for u in units)
+
+
 def _max_block_fraction(chosen, units) -> float:
-    size: dict[str, int] = {}
-    for u in units:
-        size[u["block"]] = size.get(u["block"], 0) + 1
-    counts: dict[str, int] = {}
-    for u in chosen:
-        counts[u["block"]] = counts.get(u["block"], 0) + 1
+    size, counts = block_counts(units), block_counts(chosen)
     return max(counts[b] / size[b] for b in counts)
 
 
