@@ -113,9 +113,10 @@ def timed(models: dict[str, onnx.ModelProto], runs: int, warmup: int = 20) -> di
     median can be several times the minimum); the process CPU time is recorded to check that
     no other thread did work."""
     from hqpc.runtime import latency
+    from hqpc.runtime import ort as ort_rt
 
     names = list(models)
-    sessions = {n: latency._session(models[n], 1, "all") for n in names}
+    sessions = {n: ort_rt.session(models[n], 1, "all") for n in names}
     feeds = latency._feeds(models[names[0]], 1, 0)
     for _ in range(warmup):
         for n in names:

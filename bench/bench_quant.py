@@ -45,6 +45,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from hqpc.runtime import ort as ort_rt
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "models"
 SPECS = {
@@ -54,17 +56,6 @@ SPECS = {
     "cifar10_resnet56": REPO / "examples/data/cifar10_resnet.toml",
 }
 VARIANTS = ("fp32", "ort-s8", "ort-u8", "hqpc")
-
-
-def make_session(path_or_proto, threads: int = 1) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    source = path_or_proto.SerializeToString() if isinstance(path_or_proto, onnx.ModelProto) else str(path_or_proto)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def predictions(session: ort.InferenceSession, x: np.ndarray, batch: int = 50) -> np.ndarray:
@@ -194,7 +185,7 @@ def bench_model(name: str, args, workdir: Path) -> dict:
     if args.compile_only:
         info_file.write_text(json.dumps(info, indent=1))
         return {"model": name, "compiled": {v: str(p) for v, p in paths.items()}}
-    sessions = {v: make_session(p) for v, p in paths.items()}
+    sessions = {v: ort_rt.session(p, 1, "all") for v, p in paths.items()}
     result = {"model": name, "data": str(spec_path.relative_to(REPO)), "calib_images": len(calib),
               "eval_images": len(x_eval), "variants": {}}
     preds = {v: predictions(sess, x_eval) for v, sess in sessions.items()}

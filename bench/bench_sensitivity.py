@@ -58,8 +58,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
+
+from hqpc.runtime import ort as ort_rt
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "models"
@@ -74,16 +75,8 @@ DRAWS = 5
 
 
 # --------------------------------------------------------------------------- evaluation
-def session(proto: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def logits(proto: onnx.ModelProto, x: np.ndarray, threads: int, batch: int = 100) -> np.ndarray:
-    sess = session(proto, threads)
+    sess = ort_rt.session(proto, threads, "all")
     name = sess.get_inputs()[0].name
     out = sess.get_outputs()[0].name
     return np.concatenate([sess.run([out], {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])

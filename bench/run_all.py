@@ -276,20 +276,10 @@ def wait_for_quiet(max_wait: float, threshold: float = LOADED, poll: float = 15.
     return round(time.perf_counter() - start, 1)
 
 
-def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def top1(path: Path, x: np.ndarray, y: np.ndarray, batch: int = 50) -> float:
-    sess = session(path, 2)
+    from hqpc.runtime import ort as ort_rt
+
+    sess = ort_rt.session(path, 2, "all")
     name = sess.get_inputs()[0].name
     fixed = sess.get_inputs()[0].shape[0]
     batch = fixed if isinstance(fixed, int) and fixed > 0 else batch
@@ -305,7 +295,9 @@ def top1(path: Path, x: np.ndarray, y: np.ndarray, batch: int = 50) -> float:
 
 
 def interleaved(paths: dict[str, Path], sample: np.ndarray, threads: int, rounds: int, warmup: int) -> dict:
-    sessions = {v: session(p, threads) for v, p in paths.items()}
+    from hqpc.runtime import ort as ort_rt
+
+    sessions = {v: ort_rt.session(p, threads, "all") for v, p in paths.items()}
     feeds = {v: {s.get_inputs()[0].name: sample} for v, s in sessions.items()}
     names = list(sessions)
     for _ in range(warmup):

@@ -21,11 +21,11 @@ the output has the input model's signature.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-
 from onnx import numpy_helper
 
 from hqpc.ir import Model, infer_shapes
@@ -114,10 +114,7 @@ def _batch_following_reshapes(proto: onnx.ModelProto, leading: dict[str, int | s
     """Set the leading entry of constant Reshape targets ``[B, ...]`` whose data has leading dim
     ``B`` to 0 (copy from the input; ``allowzero`` must be 0), in place; returns those nodes."""
     inits = {t.name: t for t in proto.graph.initializer}
-    uses: dict[str, int] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    uses = Counter(name for node in proto.graph.node for name in node.input)
     changed: list[str] = []
     for node in proto.graph.node:
         if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
@@ -135,7 +132,7 @@ def _batch_following_reshapes(proto: onnx.ModelProto, leading: dict[str, int | s
     return changed
 
 
-def _set_leading_entry(proto: onnx.ModelProto, node: onnx.NodeProto, inits: dict, uses: dict,
+def _set_leading_entry(proto: onnx.ModelProto, node: onnx.NodeProto, inits: dict, uses: Counter,
                        shape: np.ndarray, value: int) -> None:
     """Give ``node``'s constant Reshape target ``shape`` the leading entry ``value`` (a private
     copy of the initializer when other nodes read it too)."""
@@ -173,13 +170,10 @@ def restore_fixed_batch(model: Model, fixed: FixedBatch | None) -> Model:
     if fixed is None:
         return model
     dims = {**fixed.inputs, **fixed.outputs}
-    restored = _with_leading_dims(model.proto, {n: b for n, b in dims.items()})
+    restored = _with_leading_dims(model.proto, dims)
     batch = next(iter(fixed.inputs.values()))
     inits = {t.name: t for t in restored.graph.initializer}
-    uses: dict[str, int] = {}
-    for node in restored.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    uses = Counter(name for node in restored.graph.node for name in node.input)
     for node in restored.graph.node:  # the Reshape targets relax_fixed_batch rewrote get B back
         if node.name in fixed.reshapes and node.op_type == "Reshape" and node.input[1] in inits:
             shape = numpy_helper.to_array(inits[node.input[1]])

@@ -145,7 +145,7 @@ def compile_model(options: CompileOptions, log: Callable[[str], None] = lambda m
     # data-driven passes can run batches (hqpc/batch.py); without data, shapes stay static (foldable)
     fixed_batch = None
     if options.data:
-        model, fixed_batch = relax_fixed_batch(model, log=log if options.verbosity >= 1 else (lambda m: None))
+        model, fixed_batch = relax_fixed_batch(model, log=log)
     data_spec = load_data_spec(Path(options.data) if options.data else None, model)
     feeds, guard_inputs = guard_feeds_factory(data_spec, options.seed, options.guard_batch)
     instruments = [VerifyInstrument(), NumericGuard(feeds)]

@@ -237,8 +237,14 @@ def toposort(graph: onnx.GraphProto) -> None:
             ordered.extend(rest)  # cycle or outer-scope reads: keep the remaining order
             break
         pending = rest
-    copies = [onnx.NodeProto() for _ in ordered]
-    for copy, node in zip(copies, ordered):
+    replace_nodes(graph, ordered)
+
+
+def replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    """Make ``nodes`` (some of them ``graph``'s own) the graph's node list, in that order; they
+    are copied first, so clearing the old list cannot touch them."""
+    copies = [onnx.NodeProto() for _ in nodes]
+    for copy, node in zip(copies, nodes):
         copy.CopyFrom(node)
     del graph.node[:]
     graph.node.extend(copies)

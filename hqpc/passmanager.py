@@ -275,20 +275,6 @@ class NumericGuard(Instrument):
         return None if result.ok else f"numeric guard: {result.summary()}"
 
 
-def release_free_memory() -> None:
-    """Hand the heap a finished pass freed (ONNX Runtime sessions, activations) back to the OS
-    (glibc ``malloc_trim``), so the next pass's peak does not stack on it; a no-op elsewhere."""
-    import gc
-
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 # --------------------------------------------------------------------------- manager
 class PassManager:
     """Runs a list of pass instances in order with instruments, verification and rollback."""
@@ -305,7 +291,6 @@ class PassManager:
     def run(self, model: Model) -> Model:
         for p in self.passes:
             self.records.append(self._run_one(p, model))
-            release_free_memory()
         return model
 
     def _run_one(self, p: Pass, model: Model) -> PassRecord:

@@ -210,6 +210,15 @@ def _violation(problem: Problem, ev: dict) -> float:
     return v
 
 
+def _single_moves(problem: Problem, plan: dict[str, str]):
+    """Every plan one precision change away from ``plan``: ``(unit, precision, plan', evaluation)``."""
+    for i, u in enumerate(problem.units):
+        for p in problem.options[i]:
+            if p != plan[u]:
+                trial = {**plan, u: p}
+                yield u, p, trial, problem.evaluate(trial)
+
+
 def _repair(problem: Problem, plan: dict[str, str]) -> dict[str, str]:
     plan = dict(plan)
     for _ in range(4 * len(problem.units) * 4):
@@ -218,20 +227,13 @@ def _repair(problem: Problem, plan: dict[str, str]) -> dict[str, str]:
         if viol <= 0:
             return plan
         best = None
-        for i, u in enumerate(problem.units):
-            for p in problem.options[i]:
-                if p == plan[u]:
-                    continue
-                trial = dict(plan)
-                trial[u] = p
-                tev = problem.evaluate(trial)
-                gain = viol - _violation(problem, tev)
-                if gain <= 1e-15:
-                    continue
-                dloss = tev["loss"] - ev["loss"]
-                score = dloss / gain
-                if best is None or score < best[0]:
-                    best = (score, u, p)
+        for u, p, trial, tev in _single_moves(problem, plan):
+            gain = viol - _violation(problem, tev)
+            if gain <= 1e-15:
+                continue
+            score = (tev["loss"] - ev["loss"]) / gain
+            if best is None or score < best[0]:
+                best = (score, u, p)
         if best is None:
             return plan
         plan[best[1]] = best[2]
@@ -243,21 +245,15 @@ def _refine(problem: Problem, plan: dict[str, str]) -> dict[str, str]:
     for _ in range(4 * len(problem.units)):
         ev = problem.evaluate(plan)
         best = None
-        for i, u in enumerate(problem.units):
-            for p in problem.options[i]:
-                if p == plan[u]:
-                    continue
-                trial = dict(plan)
-                trial[u] = p
-                tev = problem.evaluate(trial)
-                dloss = ev["loss"] - tev["loss"]
-                if dloss <= 1e-15 or not problem.feasible(trial):
-                    continue
-                cost = max(tev["latency_ms"] - ev["latency_ms"], 0) / max(problem.latency_budget or 1, 1e-12) + \
-                    max(tev["size_bytes"] - ev["size_bytes"], 0) / max(problem.size_budget or 1, 1e-12)
-                score = dloss / (cost + 1e-9)
-                if best is None or score > best[0]:
-                    best = (score, u, p)
+        for u, p, trial, tev in _single_moves(problem, plan):
+            dloss = ev["loss"] - tev["loss"]
+            if dloss <= 1e-15 or not problem.feasible(trial):
+                continue
+            cost = max(tev["latency_ms"] - ev["latency_ms"], 0) / max(problem.latency_budget or 1, 1e-12) + \
+                max(tev["size_bytes"] - ev["size_bytes"], 0) / max(problem.size_budget or 1, 1e-12)
+            score = dloss / (cost + 1e-9)
+            if best is None or score > best[0]:
+                best = (score, u, p)
         if best is None:
             return plan
         plan[best[1]] = best[2]

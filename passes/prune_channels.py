@@ -217,8 +217,7 @@ def apply_plan(proto: onnx.ModelProto, groups: ChannelGroups, plan: Plan) -> onn
             cin = sizes[(node.input[0], axis)]
             pads = builder.const(node.input[1]).astype(np.int64).copy()
             rank = len(builder.shape(node.input[0]))
-            pad_axes = ([int(a) % rank for a in builder.const(node.input[3]).reshape(-1)]
-                        if len(node.input) > 3 and node.input[3] else list(range(rank)))
+            pad_axes = _axes_input(builder, node, rank, rank)
             j = pad_axes.index(axis)
             pads[j] = int(np.sum(k < begin))
             pads[j + len(pad_axes)] = int(np.sum(k >= begin + cin))
@@ -235,8 +234,7 @@ def apply_plan(proto: onnx.ModelProto, groups: ChannelGroups, plan: Plan) -> onn
             rank = len(builder.shape(x))
             starts = builder.const(node.input[1]).astype(np.int64).copy()
             ends = builder.const(node.input[2]).astype(np.int64).copy()
-            slice_axes = ([int(a) % rank for a in builder.const(node.input[3]).reshape(-1)]
-                          if len(node.input) > 3 and node.input[3] else list(range(len(starts))))
+            slice_axes = _axes_input(builder, node, rank, len(starts))
             j = slice_axes.index(axis)
             new_start = int(np.sum(k < start))
             starts[j] = new_start
@@ -410,3 +408,11 @@ class PruneChannels(Pass):
 
         groups = channel_groups(before, ctx)
         return Model(proto=masked_model(before.proto, groups, self._plan), annotations={})
+
+
+def _axes_input(builder, node: onnx.NodeProto, rank: int, default_count: int) -> list[int]:
+    """The optional ``axes`` input (index 3) of a Pad or Slice, made non-negative; without it the
+    first ``default_count`` axes, as the operator defines."""
+    if len(node.input) > 3 and node.input[3]:
+        return [int(a) % rank for a in builder.const(node.input[3]).reshape(-1)]
+    return list(range(default_count))

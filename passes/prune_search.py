@@ -427,13 +427,13 @@ class Prober:
         per_image = max(1, int(np.ceil(budget / max(1, len(self.images)))))
         return _positions(spec, n, hw, rng, per_image)
 
-    def _batch_size(self, shapes, specs) -> int:
+    def _batch_size(self, shapes) -> int:
         """Images per ORT run so that the requested activations (every consumer's input and
         output, float32, unpruned shapes) stay within ``PROBE_BATCH_BYTES``; fixed for the
         search, since the sampled positions are seeded per batch index."""
         if self.batch_size is None:
             per_image = 0
-            for s in specs.values():
+            for s in self._specs(self.m0).values():
                 for tensor in (s.x, s.y):
                     shape = shapes.shape(tensor)
                     if shape and all(isinstance(d, int) and d > 0 for d in shape[1:]):
@@ -453,7 +453,7 @@ class Prober:
             shape = shapes.shape(s.y)
             hw[c] = (int(shape[2]), int(shape[3])) if s.op == "Conv" else (1, 1)
         input_name = ort_rt.graph_inputs(current)[0].name
-        size = self._batch_size(shapes, self._specs(self.m0))
+        size = self._batch_size(shapes)
         batches = [self.images[i:i + size] for i in range(0, len(self.images), size)]
         names = sorted(specs)
         missing = [c for c in names if c not in self.targets]

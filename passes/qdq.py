@@ -51,6 +51,7 @@ from collections import Counter
 import numpy as np
 import onnx
 
+from hqpc.graphutil import replace_nodes
 from hqpc.ir import infer_shapes
 from hqpc.passmanager import Pass, PassInfo
 from hqpc.passes import qdq_placement as P
@@ -271,13 +272,7 @@ def decompose_hardswish(model) -> list[str]:
         nodes.append(onnx.helper.make_node("Mul", [node.input[0], hs], list(node.output), name=names(f"{node.name}_mul")))
         created.append(hs)
     if created:
-        copies = []
-        for n in nodes:
-            c = onnx.NodeProto()
-            c.CopyFrom(n)
-            copies.append(c)
-        del graph.node[:]
-        graph.node.extend(copies)
+        replace_nodes(graph, nodes)
     return created
 
 
@@ -285,14 +280,7 @@ def ort_audit(model, placement: P.Placement) -> dict:
     """Count integer kernels and float convolutions in ONNX Runtime's optimized graph."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "optimized.onnx")
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.optimized_model_filepath = path
-        options.intra_op_num_threads = 1
-        options.log_severity_level = 3
-        ort.InferenceSession(model.proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        ort_rt.session(model.proto, optimization="all", optimized_path=path)
         optimized = onnx.load(path)
     ops = Counter(n.op_type for n in optimized.graph.node)
     graph = model.proto.graph

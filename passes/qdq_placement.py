@@ -74,7 +74,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from hqpc.graphutil import GraphIndex, NameGenerator, attributes, remove_unused_initializers, toposort
+from hqpc.graphutil import GraphIndex, NameGenerator, attributes, remove_unused_initializers, replace_nodes, toposort
 from hqpc.passes._rewrite import ShapeTable, is_op
 from hqpc.runtime import quant as Q
 
@@ -882,13 +882,7 @@ def remove_dead_nodes(graph: onnx.GraphProto) -> int:
         if len(keep) == len(graph.node):
             return removed
         removed += len(graph.node) - len(keep)
-        copies = []
-        for node in keep:
-            c = onnx.NodeProto()
-            c.CopyFrom(node)
-            copies.append(c)
-        del graph.node[:]
-        graph.node.extend(copies)
+        replace_nodes(graph, keep)
 
 
 def _bounds(params) -> tuple[float, float]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -44,20 +43,6 @@ _PRECISION_BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5}
 
 
 # --------------------------------------------------------------------------- end-to-end timing
-def _session(model: onnx.ModelProto, threads: int, optimization: str, profile_dir: str | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort_rt._GRAPH_OPT[optimization]
-    options.log_severity_level = 3
-    if profile_dir is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(profile_dir, "hqpc_profile")
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def _feeds(model: onnx.ModelProto, batch: int, seed: int) -> dict[str, np.ndarray]:
     return ort_rt.random_feeds(model, seed=seed, batch=batch)
 
@@ -78,7 +63,7 @@ def compare(models: dict[str, onnx.ModelProto], runs: int = 50, warmup: int = 5,
     (those of the first model unless ``feeds`` is given), so their inputs must agree.
     """
     names = list(models)
-    sessions = {n: _session(models[n], threads, optimization) for n in names}
+    sessions = {n: ort_rt.session(models[n], threads, optimization) for n in names}
     if feeds is None:
         feeds = _feeds(models[names[0]], batch, seed)
     for _ in range(warmup):
@@ -112,7 +97,7 @@ def profile_layers(model: onnx.ModelProto, runs: int = 20, warmup: int = 3, batc
         return dict(_PROFILE_CACHE[key])
     feeds = _feeds(model, batch, seed)
     with tempfile.TemporaryDirectory(prefix="hqpc_prof_") as folder:
-        sess = _session(model, threads, optimization, profile_dir=folder)
+        sess = ort_rt.session(model, threads, optimization, profile_dir=folder)
         for _ in range(warmup + runs):
             sess.run(None, feeds)
         path = sess.end_profiling()

@@ -6,6 +6,7 @@ numeric results and timings do not depend on the machine's core count.
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import onnx
@@ -23,16 +24,25 @@ _GRAPH_OPT = {
 }
 
 
-def session(model: onnx.ModelProto, threads: int = 1, optimization: str = "basic",
-            quiet: bool = False) -> ort.InferenceSession:
-    """Create a CPU InferenceSession for ``model`` (annotations in metadata are harmless);
-    ``quiet``: ONNX Runtime logs nothing, not even the errors a probe expects."""
+def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 1, optimization: str = "basic",
+            quiet: bool = False, profile_dir: str | None = None,
+            optimized_path: str | None = None) -> ort.InferenceSession:
+    """Create a CPU InferenceSession for ``model`` (a proto or a path; annotations in metadata are
+    harmless); ``quiet``: ONNX Runtime logs nothing, not even the errors a probe expects;
+    ``profile_dir``: ORT's profiler writes its JSON there; ``optimized_path``: ORT saves the
+    graph it optimized there."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = _GRAPH_OPT[optimization]
     options.log_severity_level = 4 if quiet else 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if profile_dir is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(profile_dir, "hqpc_profile")
+    if optimized_path is not None:
+        options.optimized_model_filepath = optimized_path
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int = 1,
