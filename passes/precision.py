@@ -85,6 +85,7 @@ from hqpc.passes._rewrite import ShapeTable, is_op
 from hqpc.passes.calibrate import calibration_batches, output_error, single_input
 from hqpc.passes.qdq import backend_of
 from hqpc.registry import register_pass
+from hqpc.runtime import latency as lat
 from hqpc.runtime import ort as ort_rt
 from hqpc.runtime import quant as Q
 
@@ -92,7 +93,6 @@ OP_CLASS = {"Conv": "conv", "ConvTranspose": "conv", "Gemm": "gemm", "MatMul": "
 BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 SENSITIVITY_SAMPLES = 16
 FISHER_SAMPLES = 128  # when assign-precision runs annotate-sensitivity itself (-O2)
-PROFILE_RUNS = 30
 BOUNDARY_FIXED_MS = 0.006  # two small kernels (Q or DQ, Transpose) at ~3 µs each
 
 
@@ -411,18 +411,18 @@ class AssignPrecision(Pass):
             p = plan[n.name]
             if p == "int8":
                 continue
-            lat = latency[n.name]
+            unit_ms = latency[n.name]
             sc = scores[n.name]
             parts = []
             if options[n.name] == ["fp32"]:
                 parts.append("no quantized kernel for this op on the target")
             elif p == "fp32":
-                faster = "int8" in lat and lat["fp32"] < lat["int8"]
+                faster = "int8" in unit_ms and unit_ms["fp32"] < unit_ms["int8"]
                 if faster:
-                    parts.append(f"fp32 is faster here: {1e3 * lat['fp32']:.0f} µs vs int8 {1e3 * lat['int8']:.0f} µs ({lat_source})")
+                    parts.append(f"fp32 is faster here: {1e3 * unit_ms['fp32']:.0f} µs vs int8 {1e3 * unit_ms['int8']:.0f} µs ({lat_source})")
                 else:
                     parts.append(f"accuracy: int8 predicted loss {sc.get('int8', 0):.3g} is among the largest; "
-                                 f"fp32 costs {1e3 * (lat['fp32'] - lat.get('int8', lat['fp32'])):.0f} µs, within the latency budget")
+                                 f"fp32 costs {1e3 * (unit_ms['fp32'] - unit_ms.get('int8', unit_ms['fp32'])):.0f} µs, within the latency budget")
             elif p == "fp16":
                 parts.append(f"fp16: int8 predicted loss {sc.get('int8', 0):.3g} vs fp16 {sc.get('fp16', 0):.3g}")
             elif p == "int4":
@@ -567,10 +567,12 @@ def cached_measurement(folder: Path | None, kind: str, protos: list, feeds: dict
 
 
 # --------------------------------------------------------------------------- latency
-def profile_times(protos: list[onnx.ModelProto], feeds: dict, runs: int = PROFILE_RUNS):
+def profile_times(protos: list[onnx.ModelProto], feeds: dict, runs: int | None = None):
     """Per-node kernel times (ms) of several models, profiled *interleaved* (run i of every
     model before run i+1 of any, so machine load hits them alike) with ORT's profiler
-    (ORT_ENABLE_ALL, 1 thread); per node the median over runs. Returns, per model,
+    (ORT_ENABLE_ALL, 1 thread); per kernel the mean of the fastest of ``runs`` durations
+    (:func:`hqpc.runtime.latency.kernel_times`; by default as many runs as
+    :func:`hqpc.runtime.latency.profile_run_count` allows). Returns, per model,
     ({node: ms}, {node: (op type, elements of input 0)})."""
     import onnxruntime as ort
 
@@ -588,8 +590,11 @@ def profile_times(protos: list[onnx.ModelProto], feeds: dict, runs: int = PROFIL
             sessions.append(ort.InferenceSession(proto.SerializeToString(), options,
                                                  providers=["CPUExecutionProvider"]))
         for _ in range(5):
+            start = time.perf_counter()
             for s in sessions:
                 s.run(None, feeds)
+        if runs is None:
+            runs = lat.profile_run_count(time.perf_counter() - start)
         for _ in range(runs):
             for s in sessions:
                 s.run(None, feeds)
@@ -597,21 +602,16 @@ def profile_times(protos: list[onnx.ModelProto], feeds: dict, runs: int = PROFIL
             path = s.end_profiling()
             with open(path) as handle:
                 events = json.load(handle)
-            durations: dict[str, list[float]] = defaultdict(list)
             info: dict[str, tuple[str, int]] = {}
             for e in events:
                 if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-                    name = e["name"][: -len("_kernel_time")]
-                    durations[name].append(e["dur"] / 1000.0)
                     args = e.get("args", {})
                     elems = 0
                     for entry in args.get("input_type_shape", [])[:1]:
                         for dims in entry.values():
                             elems = int(np.prod(dims)) if dims else 1
-                    info[name] = (args.get("op_name", ""), elems)
-            # the last `runs` entries per node are the measured runs (warm-up first); the minimum
-            # is the estimate least sensitive to other processes on the machine
-            times = {n: float(np.min(d[-runs:])) for n, d in durations.items()}
+                    info[e["name"][: -len("_kernel_time")]] = (args.get("op_name", ""), elems)
+            times = {n: t / 1000.0 for n, t in lat.kernel_times(events, runs).items()}
             results.append((times, info))
         # per-kernel profiles do not add up to the end-to-end time (framework overhead between
         # kernels, the profiler's own cost, minima taken per kernel); scale each model's kernel
@@ -693,7 +693,8 @@ def measured_latency(model, ctx, units, options, calib, shapes, index, cache: Pa
     qmodel, _ = P.build_qdq(model, {n.name: "int8" for n in units}, calib, "onnxruntime")
     protos = [model.proto, qmodel.proto]
     (fp_times, _), (q_times, q_info) = cached_measurement(
-        cache, "latency_profile", protos, feeds, {"runs": PROFILE_RUNS},
+        cache, "latency_profile", protos, feeds, {"runs": f"{lat.PROFILE_MIN_RUNS}-{lat.PROFILE_RUNS}/{lat.PROFILE_SECONDS}s",
+                "fastest_share": lat.PROFILE_FASTEST_SHARE},
         lambda: profile_times(protos, feeds), record)
     fp_unit, fp_rest = _attribute(fp_times, all_names, group)
     q_unit, q_rest = _attribute(q_times, all_names, group)
@@ -715,7 +716,9 @@ def measured_latency(model, ctx, units, options, calib, shapes, index, cache: Pa
     edges = unit_edges(model, units, shapes, index, per_elem, fixed_ms=BOUNDARY_FIXED_MS)
     fp32_total = sum(fp_times.values())
     return latency, (f"measured: ORT profiler, 1 thread, batch 1, float and all-int8 models interleaved, "
-                     f"per-kernel minimum of {PROFILE_RUNS} runs scaled to the end-to-end minimum; "
+                     f"per kernel the mean of the fastest {100 * lat.PROFILE_FASTEST_SHARE:.0f} % of up to "
+                     f"{lat.PROFILE_RUNS} runs, scaled to the "
+                     f"end-to-end minimum; "
                      f"boundary {per_elem * 1e6:.2f} ns/element"), edges, fp32_total
 
 

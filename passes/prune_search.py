@@ -664,7 +664,7 @@ class Prune(Pass):
 
         def node_latency(proto):
             if backend_cpu:
-                return lat.profile_layers(proto, runs=20)
+                return lat.profile_layers(proto)
             return lat.roofline_layers(proto, ctx.target)
 
         cost.rebase(node_latency(m0), {})

@@ -213,6 +213,24 @@ def test_profile_layers_maps_to_nodes():
     assert lat.profile_layers(proto, runs=3, warmup=1) == layers  # cached per digest
 
 
+def test_kernel_times_average_the_fastest_runs():
+    """A kernel's time is the mean of its fastest 20 % of post-warm-up runs: preemption spikes
+    drop out, and integer-µs durations average to sub-µs resolution."""
+    durations = [100.0] * 3 + [5.0, 5.0, 5.0, 4.0, 5.0, 5.0, 5.0, 5.0, 90.0, 5.0]  # 3 warm-up runs
+    events = [{"cat": "Node", "name": "conv_kernel_time", "dur": d} for d in durations]
+    events.append({"cat": "Session", "name": "model_run", "dur": 1000.0})
+    times = lat.kernel_times(events, runs=len(durations) - 3)
+    assert times == {"conv": pytest.approx(4.5)}  # fastest 20 % of 10 runs: {4, 5}
+    assert lat.fastest_mean([]) == 0.0 and lat.fastest_mean([7.0]) == 7.0
+
+
+def test_profile_run_count_fits_slow_models_into_the_budget():
+    assert lat.profile_run_count(1e-4) == lat.PROFILE_RUNS
+    assert lat.profile_run_count(10.0) == lat.PROFILE_MIN_RUNS
+    middle = lat.profile_run_count(lat.PROFILE_SECONDS / 50)
+    assert middle == 50 and lat.profile_run_count(lat.PROFILE_SECONDS / 100, models=2) == 50
+
+
 def test_roofline_and_compare():
     proto = Model.load(DIGITS).proto
     orin = load_target("orin")
