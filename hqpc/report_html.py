@@ -383,6 +383,9 @@ def render_report_html(report: dict, model: onnx.ModelProto | None = None, origi
                      "<table><tr><th>#</th><th>layer</th><th>op</th><th>channels</th><th>precision</th>"
                      "<th>INT8 sensitivity</th><th>channel score</th><th>latency ms</th><th>share %</th>"
                      f"<th>why not int8</th></tr>{''.join(body)}</table>")
+    trt = ann.get("trt") or {}
+    if trt:
+        parts.append(_trt_section(trt))
     # charts
     if mpl:
         charts = []
@@ -410,6 +413,28 @@ def render_report_html(report: dict, model: onnx.ModelProto | None = None, origi
                      f"{_e(', '.join(sorted(ann)))}</p>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _trt_section(trt: dict) -> str:
+    """The verify-trt result: builder, outcome, and per Conv/Gemm/MatMul the precision hqpc
+    assigned against the one TensorRT chose in the engine's layer dump."""
+    if "builder" not in trt:
+        return f"<h2>TensorRT check</h2><p class=\"dim\">{_e(trt.get('status', ''))}</p>"
+    head = (f"{_e(trt['builder'])}, compute capability {_e(trt.get('compute_capability'))}: "
+            f"parsed {'yes' if trt.get('parsed') else 'NO'}, built {'yes' if trt.get('built') else 'NO'}")
+    if trt.get("quantized"):
+        head += (f"; {trt.get('as_assigned')}/{trt.get('quantized')} quantized layers run at the assigned "
+                 f"precision ({_e(trt.get('int8_pct'))} %)")
+    if trt.get("note"):
+        head += f" ({_e(trt['note'])})"
+    problems = "".join(f"<li class=\"warn\">{_e(p)}</li>" for p in trt.get("problems") or [])
+    mismatch = ' class="warn"'
+    rows = "".join(f"<tr><td>{_e(n.get('node'))}</td><td>{_e(n.get('op'))}</td><td>{_e(n.get('expected'))}</td>"
+                   f"<td{'' if n.get('ok') else mismatch}>{_e(n.get('engine'))}</td>"
+                   f"<td>{_e(n.get('layer'))}</td></tr>" for n in trt.get("nodes") or [])
+    table = ("<table><tr><th>node</th><th>op</th><th>hqpc</th><th>engine</th><th>engine layer</th></tr>"
+             f"{rows}</table>") if rows else ""
+    return f"<h2>TensorRT check</h2><p>{head}</p>" + (f"<ul>{problems}</ul>" if problems else "") + table
 
 
 def write_report_html(path: str | Path, report: dict, model: onnx.ModelProto | None = None,

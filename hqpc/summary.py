@@ -177,6 +177,14 @@ def _annotation_lines(annotations: dict) -> list[tuple[str, str, str]]:
     if plan:
         counts = Counter(plan.values())
         out.append(("precision", ", ".join(f"{counts[p]} {p}" for p in ("int4", "int8", "fp16", "fp32") if counts[p]), ""))
+    trt = annotations.get("trt") or {}
+    if "builder" in trt:
+        text = f"{trt['builder']} SM {trt.get('compute_capability')}: " + (
+            "parsed and built" if trt.get("parsed") and trt.get("built") else
+            "parse FAILED" if not trt.get("parsed") else "build FAILED")
+        if trt.get("quantized"):
+            text += f", {trt.get('as_assigned')}/{trt.get('quantized')} quantized layers as assigned"
+        out.append(("tensorrt", text, "" if trt.get("status") == "ok" else "red"))
     return out
 
 

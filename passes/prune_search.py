@@ -412,6 +412,7 @@ class Prober:
         self.targets: dict[str, list[np.ndarray]] = {}
         self.current = None
         self.batch_size: int | None = None
+        self._m0_specs: dict | None = None
 
     def _specs(self, proto):
         from hqpc.graphutil import GraphIndex
@@ -421,9 +422,14 @@ class Prober:
         return {c: s for c, s in specs.items() if s is not None}
 
     def _picks(self, spec, name: str, b: int, n: int, hw):
+        """Sampled positions of batch ``b``: seeded per (consumer, batch) and sized by the
+        *unpruned* consumer, so the cached targets and every later model's inputs line up."""
         digest = hashlib.sha256(f"{self.seed}:probe:{name}:{b}".encode()).digest()
         rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-        budget = max(512, min(self.rows, 2_000_000 // max(1, spec.w0.shape[1])))
+        if self._m0_specs is None:
+            self._m0_specs = self._specs(self.m0)
+        width = self._m0_specs.get(name, spec).w0.shape[1]
+        budget = max(512, min(self.rows, 2_000_000 // max(1, width)))
         per_image = max(1, int(np.ceil(budget / max(1, len(self.images)))))
         return _positions(spec, n, hw, rng, per_image)
 

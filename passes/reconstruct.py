@@ -342,8 +342,13 @@ def reconstruct_model(pruned: onnx.ModelProto, original: onnx.ModelProto, consum
 
     shapes = ShapeTable(original)
 
+    original_index = GraphIndex.build(original.graph)
+    original_specs = {name: _consumer(original.graph, original_index, name) for name in active}
+
     def per_image(name: str) -> int:
-        c = specs[name]
+        # sized by the *unpruned* consumer, so that cached targets and this call's inputs are
+        # sampled at the same positions whatever the consumer's current output count
+        c = original_specs[name] or specs[name]
         budget = max(1024, min(rows, 4_000_000 // max(1, c.w0.shape[1])))
         return max(1, int(np.ceil(budget / max(1, n_images))))
 

@@ -243,3 +243,43 @@ def test_roofline_and_compare():
     assert sum(lat.roofline_layers(pruned, orin).values()) < sum(layers.values())
     timing = lat.compare({"a": proto, "b": pruned}, runs=3, warmup=1)
     assert set(timing) == {"a", "b"} and timing["a"]["runs"] == 3
+
+
+def _wide_consumer_model() -> onnx.ModelProto:
+    """x[N,4,12,12] -> conv a (16) -> relu -> conv b (1x1, 1000) -> relu -> conv c (4) -> GAP:
+    b consumes a's group and has a wide output group of its own, so the probe's position budget
+    for b (which depends on b's output count) changes when b's outputs are pruned."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def w(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.2).astype(np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["ar"], name="relu_a"),
+             helper.make_node("Conv", ["ar", "wb", "bb"], ["b"], name="conv_b"),
+             helper.make_node("Relu", ["b"], ["br"], name="relu_b"),
+             helper.make_node("Conv", ["br", "wc", "bc"], ["c"], name="conv_c"),
+             helper.make_node("GlobalAveragePool", ["c"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["y"], name="flatten")]
+    graph = helper.make_graph(
+        nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [w("wa", 16, 4, 3, 3), w("ba", 16), w("wb", 1000, 16, 1, 1), w("bb", 1000), w("wc", 4, 1000, 1, 1), w("bc", 4)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_prober_samples_the_same_positions_after_a_consumer_loses_outputs():
+    from hqpc.passes.prune_search import Prober
+
+    proto = _wide_consumer_model()
+    groups = analyze(proto)
+    wide = next(g.id for g in groups.groups if g.prunable and g.channels == 1000)
+    narrow = next(g.id for g in groups.groups if g.prunable and g.channels == 16)
+    images = np.random.default_rng(1).standard_normal((16, 4, 12, 12)).astype(np.float32)
+    prober = Prober(groups, proto, images, [narrow, wide], seed=0)
+    prober.prepare(proto, {})
+    plan = {wide: tuple(range(992))}
+    prober.prepare(apply_plan(proto, groups, plan), plan)  # raised a row-count mismatch before
+    assert prober.cross["conv_b"].shape[1] == 992 and prober.grams["conv_b"].shape == (17, 17)

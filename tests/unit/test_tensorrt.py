@@ -653,3 +653,22 @@ def test_rtx_conv_behind_a_pool_is_int8(pool):
     assert result.parsed and result.built, result.problems
     assert result.summary()["quantized"] == 2 and result.summary()["as_assigned"] == 2, result.problems
     assert result.ok, result.problems
+
+
+@needs_rtx
+def test_report_shows_the_engine_precision_table():
+    """verify-trt's per-layer table reaches the terminal summary and report.html."""
+    from hqpc.report_html import render_report_html
+    from hqpc.summary import result_lines
+
+    model, record, _ = _run_verify(mixed_model(), pipeline="verify-trt{warn=true}")
+    assert not record.rolled_back
+    report = {"annotations": {"trt": model.annotations["trt"]}, "summary": {}}
+    lines = {label: (value, style) for label, value, style in result_lines(report)}
+    value, style = lines["tensorrt"]
+    assert "SM 8.6: parsed and built" in value and style == "red"  # conv_axis1 falls back to fp32
+    quantized = model.annotations["trt"]["quantized"]
+    assert f"{quantized - 1}/{quantized} quantized layers as assigned" in value
+    page = render_report_html(report)
+    assert "<h2>TensorRT check</h2>" in page and "trt-weight-axis" in page
+    assert page.count("<tr><td>conv_") >= 3 and '<td class="warn">fp32</td>' in page
