@@ -13,7 +13,10 @@ data spec has a labelled eval split; the emitted model is the one the contract c
    first ``annotations["prune"]["images"]["search"]`` items when the pruning search used them to
    choose its steps (the one fact read from a pass's annotation; when the search ran but
    recorded no images, the pass's default: half the split, at most 2000). Calibration images are never
-   used. Without labels the metric is top-1 *agreement* with the input model (baseline 100 %).
+   used. Without labels the metric is top-1 *agreement* with the input model (baseline 100 %);
+   so it is when the input model's top-1 on the labels is not above chance
+   (:func:`hqpc.runtime.metrics.labels_carry_signal`: random labels, another class numbering),
+   recorded as ``labels_ignored``.
 2. **Measure.** The input model (baseline) and the compiled model are run with ONNX Runtime
    (CPU, ORT_ENABLE_ALL) on those images; drop = baseline − final, in points. When the
    pipeline pruned, the model as it was before the quantization passes is measured too, which
@@ -71,6 +74,7 @@ import onnx
 
 from hqpc.ir import Model
 from hqpc.passmanager import Instrument
+from hqpc.runtime.metrics import labels_carry_signal
 
 __all__ = ["SnapshotInstrument", "contract_applies", "contract_applies_after", "enforce_contract", "heldout_dataset", "evaluate"]
 
@@ -270,6 +274,11 @@ def enforce_contract(result, options, log: Callable[[str], None] = lambda m: Non
     verbosity = int(getattr(options, "verbosity", 1))
     base_top1, base_pred = evaluate(original.proto, x, y, None, threads, "contract: evaluating the input model",
                                     verbosity)
+    if y is not None and not labels_carry_signal(base_pred, y):
+        contract["labels_ignored"] = (f"the input model's top-1 on the {len(y)} eval images is {base_top1:.2f} %, "
+                                      "not above chance: the labels carry no signal")
+        log(f"contract: {contract['labels_ignored']}; measuring top-1 agreement with the input model")
+        y, metric = None, "agreement"
     if y is None:
         base_top1 = 100.0
     contract.update(metric=metric, baseline_top1=round(base_top1, 3), eval_images=int(len(x)), eval_source=source,

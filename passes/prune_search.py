@@ -80,6 +80,7 @@ from hqpc.passes.reconstruct import ORIGINALS, _consumer, _inputs, _positions, c
 from hqpc.registry import register_pass
 from hqpc.runtime import latency as lat
 from hqpc.runtime import ort as ort_rt
+from hqpc.runtime.metrics import labels_carry_signal
 
 RECONSTRUCTED = "prune-reconstructed"  # ctx.analyses key: (RECONSTRUCTED, proto digest, settings)
 
@@ -226,7 +227,8 @@ def heldout_top1(ctx, info: dict, protos: list[onnx.ModelProto]) -> tuple[float,
     unpruned model."""
     n_search = int((info.get("images") or {}).get("search", 0))
     x, y = split_arrays(ctx, "eval")
-    x, y = x[n_search:], (None if y is None else y[n_search:])
+    labeled = y is not None and info.get("metric", "top1") == "top1"  # the search may have set labels aside
+    x, y = x[n_search:], (y[n_search:] if labeled else None)
     if len(x) == 0:
         raise ValueError("no held-out evaluation images")
     reference = None
@@ -660,6 +662,11 @@ class Prune(Pass):
         n_search = min(n_search, eval_len)
         search_x, search_y = split_arrays(ctx, "eval", n_search)
         base_pred = predictions(m0, search_x)
+        if search_y is not None and not labels_carry_signal(base_pred, search_y):
+            ctx.log(f"prune: the input model's top-1 on the {len(search_y)} search images is "
+                    f"{accuracy(base_pred, search_y, base_pred):.1f} %, not above chance: the labels carry no "
+                    "signal, so the search measures top-1 agreement with the input model")
+            search_y = None
         metric = "top1" if search_y is not None else "agreement"
         base_acc = accuracy(base_pred, search_y, base_pred)
 
@@ -963,7 +970,7 @@ class Prune(Pass):
 
     def _final(self, ctx, m0, best, groups, n_search, labeled, use_recon) -> dict:
         x, y = split_arrays(ctx, "eval")
-        hx, hy = x[n_search:], (None if y is None else y[n_search:])
+        hx, hy = x[n_search:], (None if y is None or not labeled else y[n_search:])
         out: dict[str, Any] = {"kept_channels": int(sum(len(k) for k in best["plan"].values())),
                                "search_" + ("top1" if labeled else "agreement"): round(best["acc"], 3)}
         if len(hx):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-__all__ = ["top1", "top1_agreement"]
+__all__ = ["top1", "top1_agreement", "labels_carry_signal"]
 
 
 def _predictions(logits: np.ndarray, name: str) -> np.ndarray:
@@ -35,3 +37,18 @@ def top1_agreement(logits_a: np.ndarray, logits_b: np.ndarray) -> float:
     [argmax(logits_a[i]) == argmax(logits_b[i])], in 0..1."""
     predictions_a, predictions_b = _predictions(logits_a, "logits_a"), _predictions(logits_b, "logits_b")
     return _fraction_equal(predictions_a, predictions_b, "top1_agreement")
+
+
+def labels_carry_signal(predictions: np.ndarray, labels: np.ndarray, classes: int | None = None) -> bool:
+    """Whether top-1 against ``labels`` can measure anything: False when the model's top-1 is
+    within 3 binomial standard deviations of chance, ``p + 3·sqrt(p(1-p)/N)`` with
+    ``p = 1/classes`` (random labels, labels in another class numbering, or too few images to
+    tell). ``classes`` defaults to the largest class index seen + 1. Callers then measure top-1
+    *agreement* with the input model, which needs no labels."""
+    predictions, labels = np.asarray(predictions).reshape(-1), np.asarray(labels).reshape(-1)
+    if len(labels) == 0:
+        return False
+    classes = int(classes or max(int(predictions.max()), int(labels.max())) + 1)
+    chance = 1.0 / max(classes, 1)
+    threshold = chance + 3.0 * math.sqrt(chance * (1.0 - chance) / len(labels))
+    return _fraction_equal(predictions, labels, "labels_carry_signal") > threshold

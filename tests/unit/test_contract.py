@@ -149,6 +149,20 @@ def test_unlabeled_data_uses_agreement(setup):
     assert c["metric"] == "agreement" and c["baseline_top1"] == 100.0 and c["met"]
 
 
+def test_labels_at_chance_level_use_agreement(setup, tmp_path):
+    """Labels the input model does not predict above chance (here: the model's own predictions
+    shifted by one class) measure nothing; the contract measures agreement instead and says so."""
+    w, data, path = setup
+    d = np.load(tmp_path / "d.npz")
+    np.savez(tmp_path / "s.npz", x=d["x"], y=(d["y"] + 1) % CLASSES)
+    (tmp_path / "s.toml").write_text(data.read_text().replace("d.npz", "s.npz"))
+    result, options = compiled(path, tmp_path / "s.toml")
+    c = C.enforce_contract(result, options)
+    assert c["metric"] == "agreement" and c["baseline_top1"] == 100.0 and "not above chance" in c["labels_ignored"]
+    result, options = compiled(path, data)
+    assert "labels_ignored" not in C.enforce_contract(result, options)
+
+
 def test_no_data_is_not_checked(setup):
     w, data, path = setup
     result, options = compiled(path, None)

@@ -54,6 +54,32 @@ def test_search_on_digits_stays_within_budget():
         assert "top1_with" in result.model.annotations["reconstruct"]
 
 
+def test_labels_carry_signal():
+    from hqpc.runtime.metrics import labels_carry_signal
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 1000, 200)
+    assert not labels_carry_signal(rng.integers(0, 1000, 200), labels)          # random: chance level
+    assert labels_carry_signal(np.where(rng.random(200) < 0.3, labels, 0), labels)  # 30 % right
+    assert not labels_carry_signal(np.array([3, 4]), np.array([5, 6]), classes=1000)  # 0 of 2
+    assert not labels_carry_signal(np.array([1, 0]), np.array([1, 1]), classes=2)  # 50 % of 2 classes
+
+
+def test_search_with_random_labels_measures_agreement(tmp_path):
+    """Random labels (zoo models with random calibration data): the search must not read 0 % ->
+    0 % as "no drop" and prune freely; it measures agreement with the input model."""
+    d = np.load(DIGITS_DATA.with_name("digits.npz"))
+    np.savez(tmp_path / "r.npz", x=d["x"], y=np.random.default_rng(0).permutation(d["y"]))
+    spec = tmp_path / "r.toml"
+    spec.write_text(DIGITS_DATA.read_text().replace("digits.npz", "r.npz"))
+    logs: list[str] = []
+    result = compile_model(CompileOptions(model=str(DIGITS), data=spec, max_drop=2.0, extra=NO_CONTRACT,
+                                          pipeline=FAST.replace("max_steps=2", "max_steps=1")), log=logs.append)
+    info = result.model.annotations["prune"]
+    assert info["metric"] == "agreement" and info["history"][0]["agreement"] == 100.0
+    assert any("labels carry no signal" in line for line in logs)
+
+
 def test_search_with_probes_on_digits():
     result = compile_model(CompileOptions(model=str(DIGITS), data=DIGITS_DATA, max_drop=2.0, extra=NO_CONTRACT,
                                           pipeline=SENS.replace("64", "16") + FAST.replace("}", ",scores=probe,max_steps=1}")))
