@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -171,16 +172,23 @@ def remove_nodes(graph: onnx.GraphProto, doomed: list[onnx.NodeProto]) -> None:
     graph.node.extend(keep)
 
 
+def drop_initializers(graph: onnx.GraphProto, doomed: Callable[[onnx.TensorProto], bool]) -> int:
+    """Delete, in place, the initializers for which ``doomed`` is true; returns how many.
+
+    In place on purpose: rebuilding the list (``del [:]`` + ``extend``) copies every kept
+    tensor into the model's protobuf arena, which frees nothing until the whole model is
+    freed, so a rule firing 50 times on a 100 MB model grew the process by 5 GB."""
+    positions = [i for i, t in enumerate(graph.initializer) if doomed(t)]
+    for i in reversed(positions):
+        del graph.initializer[i]
+    return len(positions)
+
+
 def remove_unused_initializers(graph: onnx.GraphProto) -> int:
     """Drop initializers no node or graph output reads; returns how many were dropped."""
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     used |= subgraph_reads(graph)
-    keep = [t for t in graph.initializer if t.name in used]
-    dropped = len(graph.initializer) - len(keep)
-    if dropped:
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-    return dropped
+    return drop_initializers(graph, lambda t: t.name not in used)
 
 
 def subgraph_reads(graph: onnx.GraphProto) -> set[str]:

@@ -5,7 +5,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from hqpc.graphutil import GraphIndex, attributes, constant_node_value, remove_nodes, set_initializer, to_tensor
+from hqpc.graphutil import (GraphIndex, attributes, constant_node_value, drop_initializers, remove_nodes,
+                            set_initializer, to_tensor)
 from hqpc.passmanager import Pass, PassInfo
 from hqpc.passes._rewrite import ShapeTable, constant, elem_dtype, has_subgraph, is_op, outer_reads
 from hqpc.registry import register_pass
@@ -59,10 +60,7 @@ class FoldConstants(Pass):
         if created:
             used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
             used |= outer_reads(graph)
-            keep = [t for t in graph.initializer if t.name in used or t.name not in created]
-            if len(keep) != len(graph.initializer):
-                del graph.initializer[:]
-                graph.initializer.extend(keep)
+            drop_initializers(graph, lambda t: t.name not in used and t.name in created)
         return changed
 
     def _round(self, model, graph, cap, created) -> bool:

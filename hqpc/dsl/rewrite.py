@@ -19,7 +19,7 @@ from hqpc.dsl.errors import EvalError
 from hqpc.dsl.evaluator import Evaluator, GraphView
 from hqpc.dsl.matcher import MatchState
 from hqpc.dsl.schema import attribute_value, concrete_dtype, op_info
-from hqpc.graphutil import NameGenerator, rename_input_uses
+from hqpc.graphutil import NameGenerator, drop_initializers, rename_input_uses
 
 PROVENANCE_KEY = "hqpc.rule"
 
@@ -437,10 +437,7 @@ def _remove_dead(nodes: list, graph: onnx.GraphProto, matched: list, removed: li
     nodes = [n for n in nodes if id(n) not in removed_ids]
     doomed_inputs = {name for n in removed for name in n.input if name}
     readers = _readers(nodes, graph)
-    keep = [t for t in graph.initializer if t.name not in doomed_inputs or readers.get(t.name, 0) > 0]
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+    drop_initializers(graph, lambda t: t.name in doomed_inputs and readers.get(t.name, 0) == 0)
     return nodes
 
 

@@ -351,3 +351,17 @@ def test_cleanup_pipeline_on_real_models(name):
         relative = float(np.max(np.abs(got[key] - ref)) / max(float(np.max(np.abs(ref))), 1e-12))
         assert relative <= 1e-4, (key, relative)
     assert compare_outputs(expected, got, EXACT).ok
+
+
+def test_dropping_initializers_keeps_the_others_in_place():
+    """Dead initializers are deleted in place, the others keep their order and values."""
+    from onnx import helper, numpy_helper
+
+    from hqpc.graphutil import drop_initializers
+
+    graph = helper.make_graph([], "g", [], [], [numpy_helper.from_array(np.full(4, i, np.float32), f"t{i}")
+                                               for i in range(5)])
+    assert drop_initializers(graph, lambda t: t.name in ("t1", "t2")) == 2
+    assert [t.name for t in graph.initializer] == ["t0", "t3", "t4"]
+    assert [float(numpy_helper.to_array(t)[0]) for t in graph.initializer] == [0.0, 3.0, 4.0]
+    assert drop_initializers(graph, lambda t: False) == 0
