@@ -104,6 +104,7 @@ def result_lines(report: dict) -> list[tuple[str, str, str]]:
         out.extend(_contract_lines(contract))
     else:
         out.extend(_annotation_lines(annotations))
+    out.extend(_trt_lines(annotations))
     if s.get("rolled_back"):
         out.append(("rolled back", ", ".join(s["rolled_back"]), "bold red"))
     missing = report.get("missing_passes") or []
@@ -177,15 +178,20 @@ def _annotation_lines(annotations: dict) -> list[tuple[str, str, str]]:
     if plan:
         counts = Counter(plan.values())
         out.append(("precision", ", ".join(f"{counts[p]} {p}" for p in ("int4", "int8", "fp16", "fp32") if counts[p]), ""))
-    trt = annotations.get("trt") or {}
-    if "builder" in trt:
-        text = f"{trt['builder']} SM {trt.get('compute_capability')}: " + (
-            "parsed and built" if trt.get("parsed") and trt.get("built") else
-            "parse FAILED" if not trt.get("parsed") else "build FAILED")
-        if trt.get("quantized"):
-            text += f", {trt.get('as_assigned')}/{trt.get('quantized')} quantized layers as assigned"
-        out.append(("tensorrt", text, "" if trt.get("status") == "ok" else "red"))
     return out
+
+
+def _trt_lines(annotations: dict) -> list[tuple[str, str, str]]:
+    """The verify-trt outcome in one line (the per-layer table is in report.html/json)."""
+    trt = annotations.get("trt") or {}
+    if "builder" not in trt:
+        return []
+    text = f"{trt['builder']} SM {trt.get('compute_capability')}: " + (
+        "parsed and built" if trt.get("parsed") and trt.get("built") else
+        "parse FAILED" if not trt.get("parsed") else "build FAILED")
+    if trt.get("quantized"):
+        text += f", {trt.get('as_assigned')}/{trt.get('quantized')} quantized layers as assigned"
+    return [("tensorrt", text, "" if trt.get("status") == "ok" else "red")]
 
 
 def summary_renderables(report: dict, verbose: bool = False):
@@ -234,11 +240,16 @@ def print_summary(result_or_report: Any, stream: TextIO | None = None, verbosity
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
+    if len(args) != 1 or args[0].startswith("-"):
         print("usage: python -m hqpc.summary REPORT.json", file=sys.stderr)
+        return 0 if args in (["-h"], ["--help"]) else 2
+    try:
+        with open(args[0], encoding="utf-8") as handle:
+            report = json.load(handle)
+    except (OSError, ValueError) as exc:
+        print(f"hqpc.summary: cannot read {args[0]}: {exc}", file=sys.stderr)
         return 2
-    with open(args[0], encoding="utf-8") as handle:
-        print_summary(json.load(handle), sys.stdout, verbosity=2)
+    print_summary(report, sys.stdout, verbosity=2)
     return 0
 
 
