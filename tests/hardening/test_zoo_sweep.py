@@ -73,6 +73,18 @@ def test_fast_subset_O2_with_random_calibration_data(tmp_path, capsys):
     assert {o.name: o.status for o in outcomes}["calibrate"] in ("applied*", "no change")
 
 
+def test_fast_subset_O3_with_random_calibration_data(tmp_path, capsys):
+    """-O3 on random data: the labels are noise, so the pruning search measures agreement with
+    the input model instead of reading 0 % -> 0 % top-1 as a free pass; nothing rolls back."""
+    data = sweep.random_data_spec(MODELS["shufflenet"], tmp_path / "data")
+    outcomes = compile_and_classify(MODELS["shufflenet"], 3, "orin", tmp_path, capsys, data=data)
+    assert_contract(outcomes)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["contract"]["metric"] == "agreement" and "labels_ignored" in report["contract"]
+    prune = report["annotations"].get("prune") or {}
+    assert prune.get("metric", "agreement") == "agreement"
+
+
 def test_classification_covers_every_outcome():
     report = {"passes": [
         {"name": "a", "skipped": "", "rolled_back": False, "modified": True, "checks": {"guard": {"status": "passed"}}},
