@@ -28,7 +28,10 @@ Measured for each variant, all in this process after the compiles:
 * latency: ONNX Runtime CPU EP, ORT_ENABLE_ALL, intra-op threads 1 and 2, batch 1 and 8
   (real held-out images), every variant taking one run per round in rotating order
   (interleaved, so machine load hits them alike); median, quartiles and IQR in ms; the 1-minute
-  load average before and after each setting; numbers taken at load >= 2.5 are flagged
+  load average before and after each setting; 2-thread sessions run with intra-op spinning
+  off (``session.intra_op.allow_spinning=0``): with six sessions timed in turn, each one's
+  idle pool thread kept spinning after its run and took a core from the next (2-thread batch-8
+  medians came out 2-3x the 1-thread ones); numbers taken at load >= 2.5 are flagged
   ``preliminary`` (shared machine);
 * file size (bytes; for hqpc also without the ``hqpc.*`` metadata annotations), compile time
   (wall, in the child, including reading the calibration images), peak memory (the child's own
@@ -297,7 +300,9 @@ def top1(path: Path, x: np.ndarray, y: np.ndarray, batch: int = 50) -> float:
 def interleaved(paths: dict[str, Path], sample: np.ndarray, threads: int, rounds: int, warmup: int) -> dict:
     from hqpc.runtime import ort as ort_rt
 
-    sessions = {v: ort_rt.session(p, threads, "all") for v, p in paths.items()}
+    # several multi-threaded sessions in turn: idle pool threads must sleep, not spin (see the
+    # module docstring)
+    sessions = {v: ort_rt.session(p, threads, "all", spin=threads == 1) for v, p in paths.items()}
     feeds = {v: {s.get_inputs()[0].name: sample} for v, s in sessions.items()}
     names = list(sessions)
     for _ in range(warmup):
@@ -524,9 +529,23 @@ def markdown(results: list[dict], meta: dict) -> str:
                          f"{f(e.get('peak_rss_mb'), '{:.0f}')} |")
     lines += ["", "Held-out images per model: " + ", ".join(f"{r['model']} {r['eval_images']} ({r['eval_source']})"
                                                            for r in results)]
-    lines += ["", "Goals (best hqpc variant within 1.5 pt):", ""]
+    lines += ["", "Goals (issue #8; the best hqpc variant within 1.5 pt; 1 thread, batch 1; "
+              "ORT int8 = the faster of ort-s8 and ort-u8; smaller = file size, ≥ 75 % means ratio ≤ 0.25):", "",
+              "| model | variant | drop pt | ×fp32 (goal) | ×ORT int8 (goal 1.5) | size ratio (goal ≤ 0.25) |",
+              "|---|---|---|---|---|---|"]
+
+    def verdict(value, met, fmt):
+        return "–" if value is None else fmt.format(value) + (" ✓" if met else " ✗")
+
     for r in results:
-        lines.append(f"* {r['model']}: {json.dumps(r.get('goals'))}")
+        g = r.get("goals") or {}
+        if not g.get("variant"):
+            lines.append(f"| {r['model']} | – | {g.get('note', '')} | | | |")
+            continue
+        lines.append(f"| {r['model']} | {g['variant']} | {g['drop_pt']:.2f} | "
+                     f"{verdict(g['speedup_vs_fp32'], g['speedup_met'], '{:.2f}')} ({g['speedup_goal']}) | "
+                     f"{verdict(g.get('speedup_vs_ort_int8'), g.get('vs_ort_met'), '{:.2f}')} | "
+                     f"{verdict(g.get('size_ratio'), g.get('size_met'), '{:.3f}')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -545,8 +564,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, help="keep the compiled models in this folder")
     parser.add_argument("--remeasure", type=Path, metavar="RESULTS.json",
                         help="re-time the models of an earlier run (with --keep DIR of that run) and rewrite its outputs")
+    parser.add_argument("--render", type=Path, metavar="RESULTS.json",
+                        help="rewrite the markdown table and Pareto plot of an earlier run from its JSON (no timing)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.render:
+        data = json.loads(args.render.read_text())
+        for res in data["results"]:
+            res["goals"] = goals(res)
+        write_outputs(data["results"], data["meta"], args.render.parent, args.render.stem)
+        return 0
     if args.remeasure:
         return remeasure(args)
     if args.worker:

@@ -26,11 +26,13 @@ _GRAPH_OPT = {
 
 def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 1, optimization: str = "basic",
             quiet: bool = False, profile_dir: str | None = None,
-            optimized_path: str | None = None) -> ort.InferenceSession:
+            optimized_path: str | None = None, spin: bool = True) -> ort.InferenceSession:
     """Create a CPU InferenceSession for ``model`` (a proto or a path; annotations in metadata are
     harmless); ``quiet``: ONNX Runtime logs nothing, not even the errors a probe expects;
     ``profile_dir``: ORT's profiler writes its JSON there; ``optimized_path``: ORT saves the
-    graph it optimized there."""
+    graph it optimized there; ``spin=False``: the intra-op pool's threads sleep instead of
+    spinning when idle (for several multi-threaded sessions timed in turn, where one session's
+    spinning threads take the cores from the next)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -41,6 +43,8 @@ def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 1, optimi
         options.profile_file_prefix = os.path.join(profile_dir, "hqpc_profile")
     if optimized_path is not None:
         options.optimized_model_filepath = optimized_path
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
