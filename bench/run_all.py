@@ -495,7 +495,8 @@ def markdown(results: list[dict], meta: dict) -> str:
     lines = [f"# Benchmark {meta['date']}", "",
              f"`{meta['command']}` — onnxruntime {meta['onnxruntime']}, {meta['cpus']} CPUs ({meta['cpu']}), "
              f"1-min load {meta['load_start']} at start, {meta['load_end']} at end."
-             + (" **Preliminary: the machine was loaded (load ≥ 2.5) during latency runs.**" if meta["preliminary"] else ""),
+             + (" **Preliminary: the machine was loaded (load ≥ 2.5) during latency runs.**" if meta["preliminary"] else "")
+             + "".join(f" Latency re-timed {m['date']}: `{m['command']}`." for m in meta.get("remeasured", [])),
              "", "Latency: ONNX Runtime CPU, ORT_ENABLE_ALL, median [IQR] in ms of interleaved runs. Top-1 on held-out "
              "images (not used for calibration or search). Speed-ups at 1 thread, batch 1.", ""]
     head = ("| model | variant | top-1 % | drop pt | 1T b1 ms | ×fp32 | ×ORT int8 | 2T b1 ms | 1T b8 ms | 2T b8 ms | "
