@@ -249,6 +249,17 @@ def measure_memory(work: Path) -> dict | None:
             "passes": [p.__dict__ for p in result.passes], "error": result.error}
 
 
+def write_outputs(args, results: list, memory, header: str) -> None:
+    """The markdown table (and the JSON with --json), each written atomically."""
+    from hqpc.ir import atomic_write_text
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, markdown(results, memory, header))
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"runs": [dict(r.__dict__, passes=[p.__dict__ for p in r.passes])
+                                                          for r in results], "memory": memory}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", help="comma-separated subset (names as in the table)")
@@ -277,6 +288,14 @@ def main(argv: list[str] | None = None) -> int:
         print("note: /usr/bin/time not found (apt-get install -y time); peak memory not measured", file=sys.stderr)
     results: list[RunResult] = []
     work = Path(tempfile.mkdtemp(prefix="hqpc-zoo-"))
+    import hqpc
+
+    header = (f"## hqpc zoo sweep\n\nhqpc {hqpc.__version__}, onnx {onnx.__version__}, "
+              f"{time.strftime('%Y-%m-%d')}; "
+              f"data: {', '.join(modes)} (random = an npz of {CALIB} calib + {EVAL} eval N(0,1) samples via --data; "
+              f"none = no --data, the guard on seeded random inputs); "
+              f"one subprocess per run.")
+    planned = len(models) * len(levels) * len(targets) * len(modes)
     try:
         for name, path in models.items():
             spec = random_data_spec(path, work / f"data-{name}")
@@ -288,22 +307,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:20s} -O{level} {target:5s} data={mode:6s} exit {result.exit} {result.wall_s:7.1f} s "
                       f"{(result.peak_mib or 0):7.0f} MiB  rolled back: {[p.name for p in bad] or '-'}"
                       f"{'  ' + result.error if result.error else ''}", file=sys.stderr, flush=True)
+                if len(results) < planned:  # a partial table after every run: a long sweep can be read while it runs
+                    write_outputs(args, results, None, header + f" **Partial: {len(results)} of {planned} runs.**")
             shutil.rmtree(work / f"data-{name}", ignore_errors=True)
         memory = None if args.no_memory else measure_memory(work / "memory")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    import hqpc
-
-    header = (f"## hqpc zoo sweep\n\nhqpc {hqpc.__version__}, onnx {onnx.__version__}, "
-              f"{time.strftime('%Y-%m-%d')}; "
-              f"data: {', '.join(modes)} (random = an npz of {CALIB} calib + {EVAL} eval N(0,1) samples via --data; "
-              f"none = no --data, the guard on seeded random inputs); "
-              f"one subprocess per run.")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(results, memory, header))
-    if args.json:
-        args.json.write_text(json.dumps({"runs": [dict(r.__dict__, passes=[p.__dict__ for p in r.passes])
-                                                  for r in results], "memory": memory}, indent=1))
+    write_outputs(args, results, memory, header)
     print(f"wrote {args.out}", file=sys.stderr)
     bad = [r for r in results if r.exit not in (0,)]
     return 1 if bad else 0
