@@ -24,6 +24,7 @@ Usage:
   python bench/zoo_sweep.py                       # everything -> bench/results/zoo_sweep.md
   python bench/zoo_sweep.py --models squeezenet,shufflenet --levels 1 --targets cpu,orin
   python bench/zoo_sweep.py --no-memory --json bench/results/zoo_sweep.json
+  python bench/zoo_sweep.py --render o3.json o12.json --out bench/results/zoo_sweep.md   # merge sweeps
 
 The fast CI subset of the same classification runs in tests/hardening/test_zoo_sweep.py.
 """
@@ -260,6 +261,36 @@ def write_outputs(args, results: list, memory, header: str) -> None:
                                                           for r in results], "memory": memory}, indent=1))
 
 
+def load_results(path: Path) -> tuple[list[RunResult], dict | None]:
+    """The runs and the memory measurement of one ``--json`` file."""
+    raw = json.loads(path.read_text())
+    runs = [RunResult(**dict(r, passes=[PassOutcome(**p) for p in r["passes"]])) for r in raw["runs"]]
+    return runs, raw.get("memory")
+
+
+def render(args) -> int:
+    """One table from several sweeps' JSON files, ordered by model (zoo order), level, target, data."""
+    import hqpc
+
+    order = {name: i for i, name in enumerate(zoo_models())}
+    results: list[RunResult] = []
+    memory = None
+    for path in args.render:
+        runs, measured = load_results(path)
+        results += runs
+        memory = measured or memory
+    results.sort(key=lambda r: (order.get(r.model, len(order)), r.model, r.level, r.target, r.data))
+    sources = ", ".join(str(p) for p in args.render)
+    header = (f"## hqpc zoo sweep\n\nhqpc {hqpc.__version__}, onnx {onnx.__version__}; merged from {sources}; "
+              f"data: random = an npz of {CALIB} calib + {EVAL} eval N(0,1) samples via --data; "
+              f"one subprocess per run.")
+    if args.json:
+        args.json = None if args.json in args.render else args.json
+    write_outputs(args, results, memory, header)
+    print(f"wrote {args.out} ({len(results)} runs)", file=sys.stderr)
+    return 1 if any(r.exit != 0 for r in results) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", help="comma-separated subset (names as in the table)")
@@ -271,7 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600, help="per run, seconds")
     parser.add_argument("--data", default="random", help="comma-separated: random (random calibration data via "
                         "--data), none (no --data: the guard uses seeded random inputs); default random")
+    parser.add_argument("--render", type=Path, nargs="+", metavar="RESULTS.json",
+                        help="run nothing: merge the --json files of earlier sweeps (e.g. -O3 and -O1,-O2 run "
+                             "separately) into one table at --out")
     args = parser.parse_args(argv)
+    if args.render:
+        return render(args)
     models = zoo_models()
     if args.models:
         wanted = args.models.split(",")

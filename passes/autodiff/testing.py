@@ -218,9 +218,30 @@ class Erf(OpRun):
         return (np.vectorize(math.erf, otypes=[np.float64])(x).astype(x.dtype),)
 
 
+class LRN(OpRun):
+    """The stock reference LRN loops over the batch axis instead of the channels (wrong for N != C).
+
+    ``Y_c = X_c / (bias + alpha/size * sum_{i=c-floor((size-1)/2)}^{c+ceil((size-1)/2)} X_i^2)^beta``,
+    the window clipped to the channels; any rank >= 3.
+    """
+
+    op_domain = ""
+
+    def _run(self, x, alpha=None, beta=None, bias=None, size=None):
+        alpha = 1e-4 if alpha is None else alpha
+        beta = 0.75 if beta is None else beta
+        bias = 1.0 if bias is None else bias
+        lo, hi = (size - 1) // 2, size // 2
+        squares = x * x
+        square_sum = np.zeros_like(x)
+        for c in range(x.shape[1]):
+            square_sum[:, c] = squares[:, max(0, c - lo): c + hi + 1].sum(axis=1)
+        return ((x / (bias + alpha / size * square_sum) ** beta).astype(x.dtype),)
+
+
 def reference_evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:
-    """A float64-capable evaluator with exact Conv / ConvTranspose / Erf / MaxPool / Pad."""
-    return ReferenceEvaluator(model, new_ops=[Conv, ConvTranspose, Erf, MaxPool, Pad])
+    """A float64-capable evaluator with exact Conv / ConvTranspose / Erf / LRN / MaxPool / Pad."""
+    return ReferenceEvaluator(model, new_ops=[Conv, ConvTranspose, Erf, LRN, MaxPool, Pad])
 
 
 def ort_session(model: onnx.ModelProto, optimize: bool = True):
@@ -352,7 +373,7 @@ def max_abs_away(x: np.ndarray, points: Sequence[float], margin: float) -> np.nd
 
 
 __all__ = [
-    "Conv", "ConvTranspose", "Erf", "MaxPool", "Pad", "check_gradients", "max_pool_reference", "conv_reference", "conv_transpose_reference",
+    "Conv", "ConvTranspose", "Erf", "LRN", "MaxPool", "Pad", "check_gradients", "max_pool_reference", "conv_reference", "conv_transpose_reference",
     "directional_fd", "initializer_values", "lift_initializers", "make_model", "max_abs_away",
     "norm_rel_diff", "ort_session", "reference_evaluator", "rel_err",
 ]

@@ -5,8 +5,8 @@ output is the scalar ``L = sum_o sum(o * R_o)`` with fixed random ``R_o``; the
 gradient model is built with ``loss="scalar"`` and run in float64 on the ONNX
 reference evaluator (ONNX Runtime lacks float64 kernels for Conv,
 ConvTranspose, AveragePool, GlobalAveragePool, HardSigmoid, HardSwish and
-Erf; the evaluator's Conv/ConvTranspose are replaced by the independent numpy
-versions in ``hqpc.passes.autodiff.testing``).  Its gradients must match
+Erf; the evaluator's Conv/ConvTranspose/LRN/... are replaced by the independent
+numpy versions in ``hqpc.passes.autodiff.testing``).  Its gradients must match
 central differences (one random direction + up to 6 coordinates per tensor)
 with relative error <= 1e-4.  The same gradient graph is then built in
 float32 and run on ONNX Runtime (all optimisations on); it must agree with the
@@ -378,6 +378,16 @@ def test_batch_norm_inference():
               "v": 0.5 + rng.random(c)}
     check([node("BatchNormalization", ["x", "s", "bias", "m", "v"], ["y"], epsilon=1e-3)],
           {"x": rng.standard_normal((2, c, 4, 3))}, params, ["y"], ["x", "s", "bias", "m", "v"])
+
+
+@pytest.mark.parametrize("size,shape", [(1, (2, 3, 4, 3)), (3, (2, 5, 3, 4)), (4, (2, 7, 3, 2)),
+                                        (5, (1, 6, 2, 3)), (8, (2, 4, 2, 2))])
+def test_lrn(size, shape):
+    """Even sizes make the window asymmetric (ONNX Runtime's LRN kernel refuses them: float64 check
+    only); size > channels clips the window at both ends."""
+    rng = np.random.default_rng(size * 10 + len(shape))
+    check([node("LRN", ["x"], ["y"], size=size, alpha=0.3, beta=0.75, bias=1.5)],
+          {"x": rng.standard_normal(shape)}, {}, ["y"], ["x"], ort=size % 2 == 1)
 
 
 @pytest.mark.parametrize("op", ["ReduceMean", "ReduceSum"])

@@ -1,11 +1,19 @@
-"""VJP of BatchNormalization in inference mode.
+"""VJPs of the normalisations: BatchNormalization (inference mode) and LRN.
 
-``Y = s * (X - m) * r + b`` per channel (axis 1), ``r = 1/sqrt(v + eps)``.
+BatchNormalization: ``Y = s * (X - m) * r + b`` per channel (axis 1), ``r = 1/sqrt(v + eps)``.
 With ``G = dY`` and sums over all axes but the channel axis:
 
 * ``dX = G * s * r``
 * ``ds = sum(G * (X - m) * r)``,  ``db = sum(G)``
 * ``dm = -db * s * r``,  ``dv = -0.5 * ds * s * r^2``
+
+LRN (across channels): ``S_c = bias + alpha/size * sum_{i in W(c)} X_i^2`` with the window
+``W(c) = [c - lo, c + hi]`` clipped to the channels, ``lo = floor((size-1)/2)``,
+``hi = ceil((size-1)/2)``, and ``Y_c = X_c * S_c^-beta``.  Then
+
+* ``dX_i = G_i * S_i^-beta - (2 alpha beta / size) * X_i * sum_{c: i in W(c)} G_c X_c S_c^(-beta-1)``
+
+and ``i in W(c)`` iff ``c in [i - hi, i + lo]``: the same window sum, mirrored.
 """
 from __future__ import annotations
 
@@ -13,6 +21,43 @@ from ..context import Emitter
 from ..errors import unsupported
 from . import register
 from ._common import attr
+
+
+def channel_window_sum(ctx: Emitter, x: str, rank: int, before: int, after: int) -> str:
+    """``out_c = sum_{i = c - before}^{c + after} x_i`` over axis 1, zero outside the channels.
+
+    Zero-pads axis 1 by (before, after) and adds the ``before + after + 1`` shifted slices; the
+    slices end relative to the padded end, so the channel count may be dynamic.
+    """
+    pads = [0] * (2 * rank)
+    pads[1], pads[rank + 1] = before, after
+    padded = ctx.op("Pad", [x, ctx.iconst(pads)]) if before or after else x
+    width = before + after + 1
+    total = None
+    for k in range(width):
+        end = k - (width - 1)  # negative: counted from the padded end
+        part = ctx.slice(padded, [k], [end if end < 0 else 2 ** 62], [1])
+        total = part if total is None else ctx.add(total, part)
+    return total
+
+
+@register("LRN", inputs=(0,))
+def lrn(ctx: Emitter, node, dys, needs):
+    x, g = node.input[0], dys[0]
+    rank = ctx.rank(x)
+    if rank is None:
+        raise unsupported(node, "unknown input rank")
+    size = int(attr(node, "size"))
+    alpha, beta = float(attr(node, "alpha", 1e-4)), float(attr(node, "beta", 0.75))
+    bias = float(attr(node, "bias", 1.0))
+    lo, hi = (size - 1) // 2, size // 2  # floor((size-1)/2), ceil((size-1)/2)
+    squares = channel_window_sum(ctx, ctx.mul(x, x), rank, lo, hi)
+    s = ctx.add(ctx.scale(squares, alpha / size), ctx.fconst(bias))
+    s_pow = ctx.op("Pow", [s, ctx.fconst(-beta)])  # S^-beta
+    direct = ctx.mul(g, s_pow)
+    through_s = ctx.div(ctx.mul(direct, x), s)  # G_c X_c S_c^(-beta-1)
+    mirrored = channel_window_sum(ctx, through_s, rank, hi, lo)
+    return [ctx.sub(direct, ctx.scale(ctx.mul(x, mirrored), 2.0 * alpha * beta / size))]
 
 
 @register("BatchNormalization", inputs=(0, 1, 2, 3, 4))
