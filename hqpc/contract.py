@@ -434,6 +434,10 @@ def enforce_contract(result, options, log: Callable[[str], None] = lambda m: Non
                         latency_ratio=round(f / b, 4) if b > 0 else None, latency_speedup=round(b / f, 4) if f > 0 else None,
                         latency_setting=f"ONNX Runtime CPU, ORT_ENABLE_ALL, 1 thread, batch 1, median of {runs} "
                                         "interleaved runs")
+        backend = getattr(getattr(result, "model_target", None), "backend", "onnxruntime")
+        if backend != "onnxruntime":
+            contract["latency_note"] = (f"not the target's latency: the model is laid out for {backend} "
+                                        "(Q/DQ placement, precisions), which ONNX Runtime CPU does not fuse the same way")
     try:
         contract["latency_load_avg"] = round(os.getloadavg()[0], 2)
     except OSError:

@@ -151,7 +151,8 @@ def _contract_lines(c: dict) -> list[tuple[str, str, str]]:
         speedup = float(c["latency_speedup"])
         faster = f"{speedup:.2f}× faster" if round(speedup, 2) >= 1 else f"{1 / speedup:.2f}× slower"
         out.append(("latency", f"{_ms(lat.get('baseline'))} → {_ms(lat.get('final'))} ms "
-                    f"(× {float(c['latency_ratio']):.3f}, {faster}; ONNX Runtime CPU, 1 thread, batch 1)", ""))
+                    f"(× {float(c['latency_ratio']):.3f}, {faster}; ONNX Runtime CPU, 1 thread, batch 1)"
+                    + (f"; {c['latency_note']}" if c.get("latency_note") else ""), ""))
     if c.get("size_ratio") is not None:
         b = c.get("bytes") or {}
         out.append(("model size", f"{_bytes(b.get('baseline'))} → {_bytes(b.get('final'))} "

@@ -78,6 +78,17 @@ def test_met_budget_keeps_the_compiled_model(setup):
     assert set(c["budget_split"]) == {"pruning", "quantization"}
 
 
+def test_cpu_timing_of_a_tensorrt_target_says_it_is_not_the_targets(setup):
+    w, data, path = setup
+    options = CompileOptions(model=path, opt_level=1, data=data, max_drop=1.0, target="orin",
+                             extra={"contract_latency_runs": 3})
+    result = compile_model(options)
+    c = C.enforce_contract(result, options)
+    assert "not the target's latency" in c["latency_note"] and "tensorrt" in c["latency_note"]
+    cpu_result, cpu_options = compiled(path, data)
+    assert "latency_note" not in C.enforce_contract(cpu_result, cpu_options)
+
+
 def test_broken_budget_walks_back_to_pruned_float(setup):
     """Pipeline model breaks the budget; the pruned float snapshot is within it: emitted, said plainly."""
     w, data, path = setup

@@ -73,6 +73,9 @@ def test_contract_lines_met_and_walked_back():
     assert "NOT MET by the pipeline" in text and "'pruned-fp32' instead" in text
     contract.update(latency_speedup=0.8, latency_ratio=1.25)
     assert "1.25× slower" in _text(_report(contract=contract))
+    contract["latency_note"] = "not the target's latency: laid out for tensorrt"
+    lines = {label: value for label, value, _ in result_lines(_report(contract=contract))}
+    assert "batch 1); not the target's latency: laid out for tensorrt" in lines["latency"]
     unchecked = {label: value for label, value, _ in result_lines(_report(contract={"met": None, "reason": "no --data"}))}
     assert "not checked: no --data" in unchecked["accuracy contract"]
 
