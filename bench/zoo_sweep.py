@@ -213,7 +213,8 @@ def markdown(results: list[RunResult], memory: dict | None, header: str) -> str:
     for r in results:
         for p in r.passes:
             if p.status in ("declined", "ROLLED BACK", "no change") and p.reason:
-                reason = re.sub(r"\d+(\.\d+)? ?s\)", "… s)", p.reason)  # timings would split identical reasons
+                # timings ("1.2 s)", "14.9 s (...") would split identical reasons
+                reason = re.sub(r"\d+(?:\.\d+)? ?s( \(|\))", r"… s\1", p.reason)
                 reason = re.sub(r"Got: \d+ Expected", "Got: N Expected", reason)
                 reasons.setdefault((p.name, p.status, reason), []).append(
                     f"{r.model} -O{r.level} {r.target}{'' if r.data == 'random' else ' (no data)'}")
@@ -244,7 +245,7 @@ def measure_memory(work: Path) -> dict | None:
     if not model.is_file() or not TIME.exists():
         return None
     result = run_one("mobilenet_v2-memory", model, 3, "cpu", work, spec)
-    command = (f"/usr/bin/time -v hqpc {model.relative_to(REPO.parent)} -O3 --target cpu "
+    command = (f"/usr/bin/time -v hqpc ../{model.relative_to(REPO.parent)} -O3 --target cpu "
                f"--data {spec.relative_to(REPO)}")
     return {"command": command, "peak_mib": result.peak_mib or 0.0, "exit": result.exit, "wall_s": result.wall_s,
             "passes": [p.__dict__ for p in result.passes], "error": result.error}
@@ -283,7 +284,7 @@ def render(args) -> int:
     sources = ", ".join(str(p) for p in args.render)
     header = (f"## hqpc zoo sweep\n\nhqpc {hqpc.__version__}, onnx {onnx.__version__}; merged from {sources}; "
               f"data: random = an npz of {CALIB} calib + {EVAL} eval N(0,1) samples via --data; "
-              f"one subprocess per run.")
+              f"one subprocess per run." + (f" {args.note}" if args.note else ""))
     if args.json:
         args.json = None if args.json in args.render else args.json
     write_outputs(args, results, memory, header)
@@ -305,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", type=Path, nargs="+", metavar="RESULTS.json",
                         help="run nothing: merge the --json files of earlier sweeps (e.g. -O3 and -O1,-O2 run "
                              "separately) into one table at --out")
+    parser.add_argument("--note", default="", help="with --render: a sentence for the table's header (how the "
+                        "merged sweeps were run)")
     args = parser.parse_args(argv)
     if args.render:
         return render(args)
