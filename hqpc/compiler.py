@@ -7,6 +7,7 @@ guard always on), and returns a :class:`CompileResult`. Writing files is the cal
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from hqpc.batch import relax_fixed_batch, restore_fixed_batch
-from hqpc.errors import HqpcError, OutputError, PipelineError
+from hqpc.errors import HqpcError, ModelLoadError, OutputError, PipelineError
 from hqpc.ir import Model, atomic_write_text
 from hqpc.passmanager import (NumericGuard, Pass, PassContext, PassManager, PassRecord, PrintIRAfter,
                               TimingInstrument, VerifyInstrument)
@@ -99,15 +100,17 @@ def _validate_disabled(disabled: tuple[str, ...]) -> frozenset[str]:
 
 def guard_feeds_factory(data_spec, seed: int, batch: int) -> tuple[Callable[[Model], dict[str, np.ndarray]], str]:
     """Inputs the numeric guard uses: the first ``batch`` calibration samples when a data spec
-    is given (for single-input models; no more than a fixed batch dimension allows), else seeded
-    random inputs."""
+    with a non-empty calibration split is given (for single-input models; no more than a fixed
+    batch dimension allows), else seeded random inputs. Never an empty batch: every guard would
+    pass on zero samples."""
     cache: dict[str, dict[str, np.ndarray]] = {}
+    use_data = data_spec is not None and len(data_spec.split("calib")) > 0
 
     def feeds(model: Model) -> dict[str, np.ndarray]:
         inputs = ort_rt.graph_inputs(model.proto)
         key = str([(i.name, ort_rt.input_shape(i)) for i in inputs])
         if key not in cache:
-            if data_spec is not None and len(inputs) == 1:
+            if use_data and len(inputs) == 1:
                 dims = ort_rt.input_shape(inputs[0])
                 fixed = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
                 x, _ = data_spec.split("calib").arrays(limit=min(batch, fixed or batch))
@@ -116,7 +119,23 @@ def guard_feeds_factory(data_spec, seed: int, batch: int) -> tuple[Callable[[Mod
                 cache[key] = ort_rt.random_feeds(model.proto, seed=seed, batch=batch)
         return cache[key]
 
-    return feeds, ("calibration" if data_spec is not None else "random")
+    if data_spec is not None and not use_data:
+        return feeds, "random (the data spec's calibration split is empty)"
+    return feeds, ("calibration" if use_data else "random")
+
+
+def check_runnable(model: Model, guard: NumericGuard, source) -> None:
+    """Run the input model once in ONNX Runtime on the guard's inputs (the outputs are cached for
+    the first pass's guard). A model ORT cannot run would otherwise compile with every changing
+    pass rolled back; it is bad input (exit 2), named with ORT's reason."""
+    try:
+        guard.outputs(model, quiet=True)
+    except HqpcError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+        reason = " ".join(str(exc).split())
+        reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", reason)[:400]
+        raise ModelLoadError(f"{source}: ONNX Runtime cannot run the model: {reason}") from None
 
 
 def load_data_spec(path: Path | None, model: Model):
@@ -148,7 +167,9 @@ def compile_model(options: CompileOptions, log: Callable[[str], None] = lambda m
         model, fixed_batch = relax_fixed_batch(model, log=log)
     data_spec = load_data_spec(Path(options.data) if options.data else None, model)
     feeds, guard_inputs = guard_feeds_factory(data_spec, options.seed, options.guard_batch)
-    instruments = [VerifyInstrument(), NumericGuard(feeds)]
+    guard = NumericGuard(feeds)
+    check_runnable(model, guard, options.model if isinstance(options.model, (str, Path)) else "input model")
+    instruments = [VerifyInstrument(), guard]
     if options.verbosity >= 2:
         instruments.append(TimingInstrument())
     if options.print_ir_after:

@@ -249,12 +249,13 @@ class NumericGuard(Instrument):
         self._feeds = feeds
         self._cache: dict[str, dict[str, np.ndarray]] = {}
 
-    def outputs(self, model: Model) -> dict[str, np.ndarray]:
+    def outputs(self, model: Model, quiet: bool = False) -> dict[str, np.ndarray]:
+        """``model``'s outputs on the guard inputs (``quiet``: ORT logs nothing; its error is raised)."""
         key = model.digest()
         if key not in self._cache:
             if len(self._cache) > 4:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = ort_rt.run(model.proto, self._feeds(model))
+            self._cache[key] = ort_rt.run(model.proto, self._feeds(model), quiet=quiet)
         return self._cache[key]
 
     def check(self, p, before, after, ctx, record):

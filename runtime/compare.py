@@ -98,7 +98,8 @@ def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) 
     beyond_atol = diff > tol.atol
     min_atol = float(diff[beyond_rtol].max()) if np.any(beyond_rtol) else 0.0
     min_rtol = float(rel[beyond_atol].max()) if np.any(beyond_atol) else 0.0
-    return OutputComparison(name, ok, float(diff.max()), float(rel.max()), min_atol, min_rtol)
+    # all values NaN in both (NaN in the same places counts as equal): nothing left to compare
+    return OutputComparison(name, ok, float(diff.max(initial=0.0)), float(rel.max(initial=0.0)), min_atol, min_rtol)
 
 
 def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tol: Tolerance) -> Comparison:

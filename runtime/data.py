@@ -20,8 +20,9 @@ preprocessing and its calibration/evaluation split, shared by every pass and ben
     calib = 300                      # default 0
     eval = 500                       # default: every item after the calibration ones
 
-`DataSpec.load` validates everything that can be checked without decoding images; images are
-decoded lazily, one batch at a time, by `Dataset.batches`. Every problem raises
+`DataSpec.load` validates everything that can be checked without decoding images (including
+that every image of the calib and eval splits opens); images are decoded lazily, one batch at a
+time, by `Dataset.batches`. Every problem raises
 `DataSpecError` with a one-line message naming the file (and TOML key or item).
 """
 
@@ -210,7 +211,24 @@ class DataSpec:
         count = _item_count(items, npz)
         label_offset = _checked(path, "data", lambda: _int(data.get("label_offset", 0), "label_offset"))
         seed, calib, evaluate = _read_split(path, doc.get("split", {}), count)
-        return cls(path, items, labels, npz, preprocess, seed, calib, evaluate, label_offset)
+        spec = cls(path, items, labels, npz, preprocess, seed, calib, evaluate, label_offset)
+        spec._check_image_headers()
+        return spec
+
+    def _check_image_headers(self) -> None:
+        """Every image the calib and eval splits use opens: its header names a format PIL reads.
+        Cheap (no pixels are decoded); a broken file is reported before any pass runs, not when
+        a late batch reaches it. Pixels that fail to decode still fail later, naming the file."""
+        if self.items is None:
+            return
+        order = np.random.default_rng(self.seed).permutation(self.num_items)
+        for index in sorted(order[: self.calib + self.eval]):
+            file = self.items[index]
+            try:
+                with Image.open(file):
+                    pass
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise self._unreadable(file, exc) from None
 
     @property
     def num_items(self) -> int:
@@ -272,7 +290,10 @@ class DataSpec:
             with Image.open(file) as img:
                 return self.preprocess.apply(img)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise DataSpecError(f"{file}: cannot read image ({exc}) [data spec {self.path}]") from None
+            raise self._unreadable(file, exc) from None
+
+    def _unreadable(self, file: Path, exc: Exception) -> DataSpecError:
+        return DataSpecError(f"{file}: cannot read image ({exc}) [data spec {self.path}]")
 
 
 # --- loading helpers ---------------------------------------------------------------------------

@@ -269,13 +269,11 @@ def build() -> tuple[dict[str, bytes], list[Case]]:
             _set_init(m, name, np.zeros(0, np.float32))
         _set_init(m, "fc_w", np.zeros((5, 0), np.float32))
     model_case("zero_batch.onnx", ok_model(batch=0), 0, [], "legal: a static batch of 0 (ONNX Runtime runs it)")
-    ort_gap = ("the compiler does not run the input model in ONNX Runtime before the passes, so a model ORT cannot "
-               "run compiles with every changing pass rolled back (exit 0); proposed fix in compile_model")
     model_case("zero_channels_unrunnable.onnx", _edit(ok, zero_channels), 2, ["ONNX Runtime cannot run"],
-               "zero-channel conv: valid ONNX, but ONNX Runtime refuses GlobalAveragePool on 0 channels", xfail=ort_gap)
+               "zero-channel conv: valid ONNX, but ONNX Runtime refuses GlobalAveragePool on 0 channels")
     model_case("conv_kernel_mismatch.onnx", _edit(ok, lambda m: _node(m, "conv").attribute.append(
         helper.make_attribute("kernel_shape", [5, 5]))), 2, ["ONNX Runtime cannot run"],
-        "kernel_shape 5x5 on 3x3 weights: passes onnx.checker and shape inference", xfail=ort_gap)
+        "kernel_shape 5x5 on 3x3 weights: passes onnx.checker and shape inference")
 
     # ---- non-finite weights
     def nan_w(m):
@@ -373,10 +371,8 @@ def dsl_cases(files: dict[str, bytes], cases: list[Case]) -> None:
     cases.append(Case("dsl_pipeline_unknown_rule", [ok, "--pass-file", "{corpus}/dsl/empty.hqp", "--pipeline",
                                                     "my-rule"], 2, ["unknown pass 'my-rule'"],
                       "a pipeline naming a rule the pass file does not define"))
-    usage_gap = ("`hqpc rules` usage errors come from its own argparse parser: usage text plus "
-                 "'hqpc rules: error: ...' (several lines), not one 'hqpc: error:' line (hqpc/dsl/cli.py)")
-    cases.append(Case("rules_unknown_command", ["rules", "frob"], 2, ["frob"], own_output=True, xfail=usage_gap))
-    cases.append(Case("rules_no_command", ["rules"], 2, ["rules"], own_output=True, xfail=usage_gap))
+    cases.append(Case("rules_unknown_command", ["rules", "frob"], 2, ["frob"], own_output=True))
+    cases.append(Case("rules_no_command", ["rules"], 2, ["rules"], own_output=True))
 
 
 def _init_of(m: onnx.ModelProto, name: str) -> onnx.TensorProto:
@@ -445,12 +441,8 @@ def data_cases(files: dict[str, bytes], cases: list[Case]) -> None:
         files[f"data/{case_id}.toml"] = text.encode()
         if exit == 2 and not any(n.endswith((".txt", ".bmp", ".npz", ".toml")) or ".txt:" in n for n in needles):
             needles = [f"{case_id}.toml", *needles]
-        xfail = ("images are decoded lazily (runtime/data.py, asserted by tests/unit/test_data_spec.py): a broken image "
-                 "outside the guard's calibration batch is reported only when a pass reads it (-O2 calibration, "
-                 "evaluation); proposed: check every image header when the spec is loaded"
-                 if case_id == "data_unreadable_image_late" else "")
         cases.append(Case(case_id, ["{corpus}/ok.onnx", "--data", f"{{corpus}}/data/{case_id}.toml"], exit, needles,
-                          note, xfail=xfail))
+                          note))
     cases.append(Case("data_spec_missing", ["{corpus}/ok.onnx", "--data", "{corpus}/data/no_such.toml"], 2,
                       ["no_such.toml", "data spec not found"]))
     cases.append(Case("data_spec_is_folder", ["{corpus}/ok.onnx", "--data", "{corpus}/data/images"], 2,

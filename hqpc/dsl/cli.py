@@ -58,9 +58,17 @@ def load_pass_file(path) -> list[type[Pass]]:
 
 
 # --------------------------------------------------------------------------- hqpc rules
+class _RulesParser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line (``hqpc: error: ...``, exit 2), like ``hqpc``'s own;
+    its subcommand parsers are of this class too."""
+
+    def error(self, message: str):
+        raise HqpcError(f"{self.prog}: {message} (see hqpc rules --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="hqpc rules", description="Inspect and check rewrite rules.")
-    sub = ap.add_subparsers(dest="command")
+    ap = _RulesParser(prog="hqpc rules", description="Inspect and check rewrite rules.")
+    sub = ap.add_subparsers(dest="command", metavar="{list,check,show,explain}")
     p_list = sub.add_parser("list", help="all passes and rules with their source")
     p_list.add_argument("--pass-file", action="append", default=[], metavar="FILE", help="also load these rules")
     p_list.add_argument("--rules-only", action="store_true", help="only rule-language passes")
@@ -81,10 +89,14 @@ def main_rules(argv: list[str]) -> int:
     ap = _parser()
     try:
         args = ap.parse_args(argv)
-    except SystemExit as exc:
+    except SystemExit as exc:  # --help
         return int(exc.code or 0) if exc.code in (0, None) else 2
+    except HqpcError as exc:
+        print(f"hqpc: error: {exc}", file=sys.stderr)
+        return 2
     if args.command is None:
-        ap.print_help(sys.stderr)
+        print("hqpc: error: hqpc rules needs a command: list, check, show or explain (see hqpc rules --help)",
+              file=sys.stderr)
         return 2
     try:
         if args.command == "check":

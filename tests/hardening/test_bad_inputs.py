@@ -187,11 +187,10 @@ def test_external_data_inside_the_folder_through_dotdot_is_fine(tmp_path, capsys
     assert_same_function(CORPUS / "models" / "external_ok" / "model.onnx", tmp_path / "o.onnx")
 
 
-# --------------------------------------------------------------------------- known gaps
-@pytest.mark.xfail(strict=True, reason="compiler.guard_feeds_factory feeds the guard the first --guard-batch "
-                   "calibration samples; with [split] calib = 0 (the default) that is an empty batch, and every "
-                   "guard 'passes' on zero samples; proposed: fall back to random inputs when the batch is empty")
+# --------------------------------------------------------------------------- the guard's inputs
 def test_guard_never_passes_on_an_empty_batch(corpus, tmp_path, capsys):
+    """A data spec with an empty calibration split ([split] calib = 0, the default): the guard
+    falls back to seeded random inputs instead of comparing zero samples."""
     spec = corpus / "data" / "calib0.toml"
     spec.write_text('[data]\nimages = "images"\n')
     report = tmp_path / "r.json"
@@ -200,6 +199,7 @@ def test_guard_never_passes_on_an_empty_batch(corpus, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     guarded = [p for p in json.loads(report.read_text())["passes"] if p["modified"]]
     assert guarded and all(p["checks"]["guard"]["status"] in ("passed", "skipped") for p in guarded)
+    assert json.loads(report.read_text())["guard_inputs"].startswith("random")
     from hqpc.compiler import guard_feeds_factory
     from hqpc.runtime.data import DataSpec
 

@@ -291,21 +291,28 @@ def test_error_npz_problems(tmp_path: Path) -> None:
 
 
 def test_error_unreadable_image_names_file(tmp_path: Path) -> None:
+    """A file no image format recognises is reported when the spec is loaded (headers are checked)."""
     path = labeled_spec(tmp_path, 3)
     (tmp_path / "images" / "img2.png").write_bytes(b"this is not an image")
-    dataset = DataSpec.load(path).split("eval")  # images decode lazily
-    with pytest.raises(DataSpecError) as info:
-        dataset.arrays()
-    check_message(info.value, "img2.png", "cannot read image")
+    expect_error(path, "img2.png", "cannot read image")
 
 
 def test_error_unreadable_jpg(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "broken.jpg").write_bytes(b"\xff\xd8garbage")
-    spec = DataSpec.load(write_spec(tmp_path, '[data]\nimages = "images"\n'))
+    expect_error(write_spec(tmp_path, '[data]\nimages = "images"\n'), "broken.jpg", "cannot read image")
+
+
+def test_error_truncated_pixels_are_found_when_decoded(tmp_path: Path) -> None:
+    """A valid header over truncated pixel data opens at load; decoding (lazy) names the file."""
+    path = labeled_spec(tmp_path, 3)
+    png = tmp_path / "images" / "img1.png"
+    write_image(png, np.random.default_rng(0).integers(0, 255, (8, 8, 3)).astype(np.uint8))
+    png.write_bytes(png.read_bytes()[:60])
+    dataset = DataSpec.load(path).split("eval")
     with pytest.raises(DataSpecError) as info:
-        list(spec.split("eval").batches(4))
-    check_message(info.value, "broken.jpg")
+        dataset.arrays()
+    check_message(info.value, "img1.png", "cannot read image")
 
 
 def test_error_mixed_image_sizes_without_crop(tmp_path: Path) -> None:
