@@ -373,11 +373,11 @@ def enforce_contract(result, options, log: Callable[[str], None] = lambda m: Non
                 if got:
                     fits.append(("recompile-tighter", *got))
             if len(fits) > 1:
-                timing = lat.compare({n: m.proto for n, m, _ in fits}, runs=int(extra.get("contract_latency_runs", 50)))
+                timing = _fits_latency(fits, int(extra.get("contract_latency_runs", 50)))
                 for action in actions:
                     if action["candidate"] in timing:
-                        action["latency_ms"] = round(timing[action["candidate"]]["median_ms"], 4)
-                found = _fastest(fits, {n: timing[n]["median_ms"] for n in timing})
+                        action["latency_ms"] = round(timing[action["candidate"]], 4)
+                found = _fastest(fits, timing)
             elif fits:
                 found = fits[0]
         # b2. the quantization passes on the cleaned-up model with half the budget
@@ -449,6 +449,19 @@ def enforce_contract(result, options, log: Callable[[str], None] = lambda m: Non
                          "note": "serialized model without hqpc.* metadata annotations"}
     contract["size_ratio"] = round(final_bytes / base_bytes, 4) if base_bytes else None
     return finish(chosen)
+
+
+def _fits_latency(fits: list, runs: int) -> dict[str, float]:
+    """Median latency in ms of each fitting candidate, measured side by side once per machine and
+    reused (hqpc/runtime/measure_cache.py): the choice between them must not change between two
+    compiles of the same input."""
+    from hqpc.runtime import latency as lat
+    from hqpc.runtime.measure_cache import cached_measurement, measurement_cache_dir
+
+    names = [n for n, _, _ in fits]
+    protos = {n: m.proto for n, m, _ in fits}
+    return cached_measurement(measurement_cache_dir(), "contract-" + "-".join(names), [protos[n] for n in names], {},
+                              {"runs": runs}, lambda: {n: t["median_ms"] for n, t in lat.compare(protos, runs=runs).items()})
 
 
 def _fastest(fits: list, latency_ms: dict[str, float], margin: float = 0.05):

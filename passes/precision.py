@@ -65,10 +65,8 @@ from __future__ import annotations
 
 import math
 
-import hashlib
 import json
 import os
-import platform
 import tempfile
 import time
 from collections import defaultdict
@@ -88,6 +86,8 @@ from hqpc.registry import register_pass
 from hqpc.runtime import latency as lat
 from hqpc.runtime import ort as ort_rt
 from hqpc.runtime import quant as Q
+from hqpc.runtime.measure_cache import (MEASURE_CACHE_ENV, cached_measurement,  # noqa: F401
+                                          machine_signature, measurement_cache_dir)
 
 OP_CLASS = {"Conv": "conv", "ConvTranspose": "conv", "Gemm": "gemm", "MatMul": "matmul"}
 BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -484,86 +484,6 @@ def single_unit_placement(model, index, node, precision: str, calib, backend) ->
     return placement
 
 
-# --------------------------------------------------------------------------- measurement cache
-MEASURE_CACHE_ENV = "HQPC_MEASURE_CACHE"
-
-
-def measurement_cache_dir(option: str = "auto") -> Path | None:
-    """Folder of the measurement cache: the pass option ``measure_cache`` (``auto``, ``off`` or a
-    folder), else ``$HQPC_MEASURE_CACHE`` (a folder, or ``off``), else
-    ``$XDG_CACHE_HOME/hqpc/measurements`` (``~/.cache/hqpc/measurements``)."""
-    option = str(option or "auto")
-    env = os.environ.get(MEASURE_CACHE_ENV, "")
-    if option.lower() == "off" or (option.lower() == "auto" and env.lower() == "off"):
-        return None
-    if option.lower() not in ("auto", "on"):
-        return Path(option)
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "hqpc" / "measurements"
-
-
-def machine_signature() -> dict:
-    """What a CPU latency measurement depends on besides the models: processor, ORT version."""
-    import onnxruntime as ort
-
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": cpu, "machine": platform.machine(), "onnxruntime": ort.__version__, "threads": 1}
-
-
-def cached_measurement(folder: Path | None, kind: str, protos: list, feeds: dict, settings: dict, compute,
-                       record: dict | None = None):
-    """``compute()`` (a timing), or the result of the same timing taken earlier on this machine.
-
-    Timings on a CPU vary from run to run, and a plan chosen from them would make the compiled
-    model differ between two compiles of the same input. The first measurement of a given
-    (models, inputs, settings, processor, ONNX Runtime version) is stored as JSON in ``folder``
-    and reused afterwards, so the same input and seed give the same bytes on the same machine;
-    the annotation names the measurement (key and UTC time it was taken). Delete the folder, set
-    ``HQPC_MEASURE_CACHE=off`` or ``assign-precision{measure_cache=off}`` to measure afresh."""
-    h = hashlib.sha256()
-    h.update(kind.encode())
-    for proto in protos:
-        h.update(hashlib.sha256(proto.SerializeToString(deterministic=True)).digest())
-    for name in sorted(feeds):
-        value = np.ascontiguousarray(feeds[name])
-        h.update(name.encode() + str(value.dtype).encode() + str(value.shape).encode() + value.tobytes())
-    h.update(json.dumps({"settings": settings, "machine": machine_signature()}, sort_keys=True).encode())
-    key = h.hexdigest()[:24]
-    path = folder / f"{kind}-{key}.json" if folder is not None else None
-    if path is not None and path.is_file():
-        try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
-            if record is not None:
-                record[kind] = {"key": key, "measured_at": stored["measured_at"], "reused": True}
-            return stored["value"]
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable entry: measure again and overwrite it
-    value = compute()
-    measured_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    if record is not None:
-        record[kind] = {"key": key, "measured_at": measured_at, "reused": False}
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"kind": kind, "measured_at": measured_at, "machine": machine_signature(),
-                                       "settings": settings, "value": value}), encoding="utf-8")
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only cache folder only costs reproducibility, not correctness
-        # the stored form (JSON: tuples become lists) is what a reused run sees; return the same
-        return json.loads(json.dumps(value))
-    return value
 
 
 # --------------------------------------------------------------------------- latency

@@ -50,8 +50,12 @@ Loop (every quantity recorded in ``model.annotations["prune"]["history"]``):
    the search; so do ``max_steps`` steps and ``time_limit`` seconds of the pass (default 90:
    a step costs a rebuild, a refit, an evaluation and a timing, 10–50 s on MobileNetV2 on
    2 cores, and the early steps, taken in order of cost per saving, carry most of what the
-   search finds; ``time_limit=0`` searches without a clock). The report's ``stopped`` says
-   which ended it.
+   search finds; ``time_limit=0`` searches without a clock). The time limit becomes a step
+   budget, (limit − set-up) / the first step's time, and like the layer profiles and timings
+   it is measured once per machine and input and reused (``measure_cache``, as in
+   ``assign-precision``), so the same input and seed compile to the same bytes; only a search
+   running past 3× the limit is stopped by the clock. The report's ``stopped`` says which
+   ended it.
 
 The budget is ``--max-drop`` minus the share reserved for quantization
 (``quant_reserve`` × max-drop, default 0.3, when ``insert-qdq`` will run). Images: the
@@ -84,6 +88,7 @@ from hqpc.passes.reconstruct import ORIGINALS, _consumer, _inputs, _positions, c
 from hqpc.registry import register_pass
 from hqpc.runtime import latency as lat
 from hqpc.runtime import ort as ort_rt
+from hqpc.runtime.measure_cache import cached_measurement, measurement_cache_dir
 from hqpc.runtime.metrics import labels_carry_signal
 
 RECONSTRUCTED = "prune-reconstructed"  # ctx.analyses key: (RECONSTRUCTED, proto digest, settings)
@@ -602,7 +607,7 @@ class Prune(Pass):
     options = {"step": 0.06, "min_step": 0.015, "max_steps": 40, "search_images": 0, "recon_images": 384,
                "recon_rows": 8192, "recon_mode": "sequential", "score_images": 64, "confidence": 1.0,
                "min_keep": 0.125, "chunk": 0.125, "reconstruct": "auto", "rescore_every": 3, "time_limit": 90.0,
-               "latency_runs": 30, "patience": 6, "scores": "auto",
+               "latency_runs": 30, "patience": 6, "scores": "auto", "measure_cache": "auto",
                "flip_ratio": 0.5, "estimate": "flips",
                "moves": "blocks", "raw_confidence": "auto"}
 
@@ -681,12 +686,14 @@ class Prune(Pass):
 
         def node_latency(proto):
             if backend_cpu:
-                return lat.profile_layers(proto)
+                return self._measured("prune-profile", [proto], {}, lambda: lat.profile_layers(proto))
             return lat.roofline_layers(proto, ctx.target)
 
         cost.rebase(node_latency(m0), {})
         base_est = cost.total({})
-        base_meas = lat.measure(m0, runs=int(cfg["latency_runs"]))["median_ms"]
+        runs = int(cfg["latency_runs"])
+        base_meas = self._measured("prune-latency", [m0], {"runs": runs},
+                                   lambda: lat.measure(m0, runs=runs)["median_ms"])
         score_source = "kl-probe"
         sensitivity = (model.annotations.get("sensitivity") or {}).get("channels")
         choice = str(cfg["scores"]).lower()
@@ -737,6 +744,9 @@ class Prune(Pass):
         estimator, temperature = self._estimator(ctx, m0, search_x, search_y)
         rounds = 0
         stopped = "no further candidate"
+        limit = float(cfg["time_limit"])
+        loop_start = time.perf_counter()
+        step_budget = None
         while True:
             if steps >= int(cfg["max_steps"]) or rounds >= 10 * int(cfg["max_steps"]):
                 stopped = f"max_steps ({int(cfg['max_steps'])})"
@@ -745,8 +755,15 @@ class Prune(Pass):
                 stopped = f"patience ({int(cfg['patience'])} rejected single moves in a row)"
                 break
             rounds += 1
-            if float(cfg["time_limit"]) > 0 and time.perf_counter() - start_time > float(cfg["time_limit"]):
-                stopped = f"time_limit ({float(cfg['time_limit']):g} s; prune{{time_limit=0}} searches on)"
+            if limit > 0 and steps >= 1 and step_budget is None:
+                step_budget, clock = self._step_budget(limit, m0, search_x, start_time, loop_start)
+            if step_budget is not None and steps >= step_budget:
+                stopped = (f"time_limit ({limit:g} s = {step_budget} steps at {clock[1]:.1f} s per step after "
+                           f"{clock[0]:.1f} s of set-up, timed on this machine's first such compile; "
+                           "prune{time_limit=0} searches on)")
+                break
+            if limit > 0 and time.perf_counter() - start_time > 3 * limit:  # the step estimate was far off
+                stopped = f"time_limit ({limit:g} s, 3x over the step estimate: stopped by the clock)"
                 break
             single = step_frac < float(cfg["min_step"]) - 1e-12  # below the smallest step: one move at a time
             candidate, moves = self._propose(groups, cost, plan, prunable, multiple,
@@ -763,8 +780,8 @@ class Prune(Pass):
             drop = base_acc - acc
             sigma = paired_sigma(pred, base_pred, search_y)
             est = estimator.add(pred, base_pred, search_y)
-            timing = lat.compare({"original": m0, "candidate": recon}, runs=int(cfg["latency_runs"]))
-            speedup = timing["original"]["median_ms"] / timing["candidate"]["median_ms"]
+            timing = self._timing({"original": m0, "candidate": recon}, runs)
+            speedup = timing["original"] / timing["candidate"]
             z = float(cfg["confidence"])
             z_raw = z if cfg["raw_confidence"] in (None, "", "auto") else float(cfg["raw_confidence"])
             ok = (est["drop_est"] + z * est["sigma_est"] <= budget + 1e-9
@@ -774,8 +791,8 @@ class Prune(Pass):
                      "moves": [{"group": g, "kept": len(k), "cost": round(c, 6), "saving_us": round(sv, 2)}
                                for g, k, c, sv in moves],
                      "latency_est_us": round(cost.total(candidate), 1),
-                     "latency_ms": round(timing["candidate"]["median_ms"], 4),
-                     "latency_original_ms": round(timing["original"]["median_ms"], 4),
+                     "latency_ms": round(timing["candidate"], 4),
+                     "latency_original_ms": round(timing["original"], 4),
                      "speedup": round(speedup, 4), metric: round(acc, 3), "drop": round(drop, 3),
                      "sigma": round(sigma, 3), "drop_est": round(est["drop_est"], 3),
                      "sigma_est": round(est["sigma_est"], 3), "changed": round(est["changed"], 4),
@@ -834,7 +851,7 @@ class Prune(Pass):
             "history": history, "plan": plan_to_json(best["plan"]),
             "kept": {str(g): len(k) for g, k in sorted(best["plan"].items())},
             "channels": {str(g): groups.group(g).channels for g in sorted(best["plan"])},
-            "final": final, "stopped": stopped, "wall_s": round(time.perf_counter() - start_time, 1)}
+            "final": final, "stopped": stopped}
         return True
 
     def _estimator(self, ctx, m0, search_x, search_y) -> tuple[DropEstimate, float | None]:
@@ -981,6 +998,31 @@ class Prune(Pass):
             except Exception as exc:  # keep the previous scores
                 ctx.log(f"prune: re-scoring with annotate-sensitivity failed ({type(exc).__name__}); keeping scores")
 
+    # ------------------------------------------------------------- measurements (once per machine)
+    def _measured(self, kind: str, protos: list, settings: dict, compute, feeds: dict | None = None):
+        """``compute()``, or the value the same measurement gave on this machine before
+        (:mod:`hqpc.runtime.measure_cache`): layer costs, timings and the step budget taken from
+        the clock decide the search, so reusing them makes two compiles of one input identical."""
+        return cached_measurement(measurement_cache_dir(self.config["measure_cache"]), kind, protos,
+                                  feeds or {}, settings, compute)
+
+    def _timing(self, models: dict[str, onnx.ModelProto], runs: int) -> dict[str, float]:
+        """Median end-to-end latency in ms per model (1 thread, batch 1), measured side by side."""
+        names = sorted(models)
+        return self._measured(f"prune-compare-{'-'.join(names)}", [models[n] for n in names], {"runs": runs},
+                              lambda: {n: t["median_ms"] for n, t in lat.compare(models, runs=runs).items()})
+
+    def _step_budget(self, limit: float, m0, search_x, start_time: float, loop_start: float):
+        """``time_limit`` as a number of steps: (limit - set-up) / the first step's time, both timed
+        on the first compile of this input on this machine and reused after, so the search stops
+        at the same step every time. Returns (steps, [set-up s, step s])."""
+        now = time.perf_counter()
+        settings = {k: v for k, v in sorted(self.config.items()) if isinstance(v, (int, float, str, bool))}
+        clock = self._measured("prune-clock", [m0], settings,
+                               lambda: [loop_start - start_time, now - loop_start], feeds={"search": search_x})
+        setup, per_step = float(clock[0]), max(float(clock[1]), 1e-3)
+        return max(1, int((limit - setup) / per_step)), [setup, per_step]
+
     def _final(self, ctx, m0, best, groups, n_search, labeled, use_recon) -> dict:
         x, y = split_arrays(ctx, "eval")
         hx, hy = x[n_search:], (None if y is None or not labeled else y[n_search:])
@@ -995,8 +1037,8 @@ class Prune(Pass):
             if use_recon:
                 out[f"heldout_{metric}_reconstructed"] = round(accuracy(predictions(best["model"], hx), hy, ref), 3)
             out["heldout_images"] = int(len(hx))
-        timing = lat.compare({"original": m0, "pruned": best["model"]}, runs=int(self.config["latency_runs"]) * 2)
-        out["latency_original_ms"] = round(timing["original"]["median_ms"], 4)
-        out["latency_pruned_ms"] = round(timing["pruned"]["median_ms"], 4)
-        out["speedup"] = round(timing["original"]["median_ms"] / timing["pruned"]["median_ms"], 4)
+        timing = self._timing({"original": m0, "pruned": best["model"]}, int(self.config["latency_runs"]) * 2)
+        out["latency_original_ms"] = round(timing["original"], 4)
+        out["latency_pruned_ms"] = round(timing["pruned"], 4)
+        out["speedup"] = round(timing["original"] / timing["pruned"], 4)
         return out
