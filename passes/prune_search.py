@@ -50,12 +50,11 @@ Loop (every quantity recorded in ``model.annotations["prune"]["history"]``):
    the search; so do ``max_steps`` steps and ``time_limit`` seconds of the pass (default 90:
    a step costs a rebuild, a refit, an evaluation and a timing, 10–50 s on MobileNetV2 on
    2 cores, and the early steps, taken in order of cost per saving, carry most of what the
-   search finds; ``time_limit=0`` searches without a clock). The time limit becomes a step
-   budget, (limit − set-up) / the first step's time, and like the layer profiles and timings
-   it is measured once per machine and input and reused (``measure_cache``, as in
-   ``assign-precision``), so the same input and seed compile to the same bytes; only a search
-   running past 3× the limit is stopped by the clock. The report's ``stopped`` says which
-   ended it.
+   search finds; ``time_limit=0`` searches without a clock). The time at which each step ended
+   is, like the layer profiles and timings, taken on the first compile of an input on a
+   machine and reused after (``measure_cache``, as in ``assign-precision``), so the limit stops
+   the search at the same step every time and the same input and seed compile to the same
+   bytes. The report's ``stopped`` says which ended it.
 
 The budget is ``--max-drop`` minus the share reserved for quantization
 (``quant_reserve`` × max-drop, default 0.3, when ``insert-qdq`` will run). Images: the
@@ -745,8 +744,7 @@ class Prune(Pass):
         rounds = 0
         stopped = "no further candidate"
         limit = float(cfg["time_limit"])
-        loop_start = time.perf_counter()
-        step_budget = None
+        marks: list[float] = []  # seconds into the pass at which each step ended (timed once per machine)
         while True:
             if steps >= int(cfg["max_steps"]) or rounds >= 10 * int(cfg["max_steps"]):
                 stopped = f"max_steps ({int(cfg['max_steps'])})"
@@ -755,16 +753,12 @@ class Prune(Pass):
                 stopped = f"patience ({int(cfg['patience'])} rejected single moves in a row)"
                 break
             rounds += 1
-            if limit > 0 and steps >= 1 and step_budget is None:
-                step_budget, clock = self._step_budget(limit, m0, search_x, start_time, loop_start)
-            if step_budget is not None and steps >= step_budget:
-                stopped = (f"time_limit ({limit:g} s = {step_budget} steps at {clock[1]:.1f} s per step after "
-                           f"{clock[0]:.1f} s of set-up, timed on this machine's first such compile; "
-                           "prune{time_limit=0} searches on)")
-                break
-            if limit > 0 and time.perf_counter() - start_time > 3 * limit:  # the step estimate was far off
-                stopped = f"time_limit ({limit:g} s, 3x over the step estimate: stopped by the clock)"
-                break
+            if limit > 0 and steps > len(marks):
+                marks.append(self._clock_mark(steps, time.perf_counter() - start_time, m0, search_x))
+                if marks[-1] > limit:
+                    stopped = (f"time_limit ({limit:g} s: step {steps} ended at {marks[-1]:.1f} s on this machine's "
+                               "first such compile; prune{time_limit=0} searches on)")
+                    break
             single = step_frac < float(cfg["min_step"]) - 1e-12  # below the smallest step: one move at a time
             candidate, moves = self._propose(groups, cost, plan, prunable, multiple,
                                              0.0 if single else step_frac * base_est)
@@ -1012,16 +1006,12 @@ class Prune(Pass):
         return self._measured(f"prune-compare-{'-'.join(names)}", [models[n] for n in names], {"runs": runs},
                               lambda: {n: t["median_ms"] for n, t in lat.compare(models, runs=runs).items()})
 
-    def _step_budget(self, limit: float, m0, search_x, start_time: float, loop_start: float):
-        """``time_limit`` as a number of steps: (limit - set-up) / the first step's time, both timed
-        on the first compile of this input on this machine and reused after, so the search stops
-        at the same step every time. Returns (steps, [set-up s, step s])."""
-        now = time.perf_counter()
+    def _clock_mark(self, step: int, elapsed: float, m0, search_x) -> float:
+        """Seconds into the pass at which ``step`` ended, as timed on the first compile of this input
+        on this machine (``elapsed`` then) and reused after: the time limit then ends the search
+        at the same step every time."""
         settings = {k: v for k, v in sorted(self.config.items()) if isinstance(v, (int, float, str, bool))}
-        clock = self._measured("prune-clock", [m0], settings,
-                               lambda: [loop_start - start_time, now - loop_start], feeds={"search": search_x})
-        setup, per_step = float(clock[0]), max(float(clock[1]), 1e-3)
-        return max(1, int((limit - setup) / per_step)), [setup, per_step]
+        return float(self._measured(f"prune-clock-{step}", [m0], settings, lambda: elapsed, feeds={"search": search_x}))
 
     def _final(self, ctx, m0, best, groups, n_search, labeled, use_recon) -> dict:
         x, y = split_arrays(ctx, "eval")

@@ -309,3 +309,4 @@ def test_prober_samples_the_same_positions_after_a_consumer_loses_outputs():
     plan = {wide: tuple(range(992))}
     prober.prepare(apply_plan(proto, groups, plan), plan)  # raised a row-count mismatch before
     assert prober.cross["conv_b"].shape[1] == 992 and prober.grams["conv_b"].shape == (17, 17)
+
