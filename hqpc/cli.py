@@ -117,7 +117,9 @@ def _print_passes() -> None:
 
     for name, cls in sorted(passes().items()):
         info = cls.info
-        tol = "exact" if info.tolerance is None else f"atol={info.tolerance.atol:g} rtol={info.tolerance.rtol:g}"
+        tol = "exact" if info.tolerance is None else (f"atol={info.tolerance.atol:g}"
+                                                       f"{' x scale' if info.tolerance.atol_per_scale else ''} "
+                                                       f"rtol={info.tolerance.rtol:g}")
         print(f"{name:28s} -O{info.opt_level}  {tol:24s} {source_of(name)}  {info.description}")
     for level in sorted(PIPELINES):
         print(f"-O{level}: {','.join(level_pipeline(level)) or '(no passes)'}")

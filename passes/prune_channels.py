@@ -47,7 +47,8 @@ from hqpc.passes.channel_groups import ChannelGroups, _Builder, channel_groups, 
 from hqpc.registry import register_pass
 from hqpc.runtime.compare import Tolerance
 
-PRUNE_TOLERANCE = Tolerance(atol=1e-5, rtol=1e-5)
+# exact up to float32 sum order: 1e-5 relative, the absolute part scaled by each output's magnitude
+PRUNE_TOLERANCE = Tolerance(atol=1e-5, rtol=1e-5, atol_per_scale=True)
 Plan = dict[int, tuple[int, ...]]
 
 

@@ -38,3 +38,17 @@ def test_nan_shape_and_missing_outputs():
 def test_integer_outputs_must_match_exactly():
     assert compare_arrays("i", np.array([1, 2]), np.array([1, 2]), TOL).ok
     assert not compare_arrays("i", np.array([1, 2]), np.array([1, 3]), TOL).ok
+
+
+def test_atol_per_scale_bounds_each_output_by_its_magnitude():
+    """A cancellation (0.36 among values of ~35) moved by 1.0e-5: within 1e-5 of the output's scale,
+    not within 1e-5 absolute or relative to itself."""
+    ref = np.array([35.0, -31.9, 0.3619004], np.float32)
+    got = ref + np.array([0.0, 0.0, 1.0162592e-5], np.float32)
+    plain, scaled = Tolerance(atol=1e-5, rtol=1e-5), Tolerance(atol=1e-5, rtol=1e-5, atol_per_scale=True)
+    assert not compare_arrays("y", ref, got, plain).ok
+    assert compare_arrays("y", ref, got, scaled).ok
+    assert not compare_arrays("y", ref, ref + np.float32(4e-4), scaled).ok  # 4e-4 > 1e-5 x 35
+    small = np.array([0.5, -0.2], np.float32)  # scale below 1: the bound stays 1e-5 absolute
+    assert not compare_arrays("y", small, small + np.float32(2e-5), scaled).ok
+    assert "atol_per_scale" not in plain.as_dict() and scaled.as_dict()["atol_per_scale"] is True
