@@ -452,16 +452,11 @@ def enforce_contract(result, options, log: Callable[[str], None] = lambda m: Non
 
 
 def _fits_latency(fits: list, runs: int) -> dict[str, float]:
-    """Median latency in ms of each fitting candidate, measured side by side once per machine and
-    reused (hqpc/runtime/measure_cache.py): the choice between them must not change between two
-    compiles of the same input."""
-    from hqpc.runtime import latency as lat
-    from hqpc.runtime.measure_cache import cached_measurement, measurement_cache_dir
+    """Median latency in ms of each fitting candidate, measured once per machine and reused: the
+    choice between them must not change between two compiles of the same input."""
+    from hqpc.runtime.measure_cache import cached_compare, measurement_cache_dir
 
-    names = [n for n, _, _ in fits]
-    protos = {n: m.proto for n, m, _ in fits}
-    return cached_measurement(measurement_cache_dir(), "contract-" + "-".join(names), [protos[n] for n in names], {},
-                              {"runs": runs}, lambda: {n: t["median_ms"] for n, t in lat.compare(protos, runs=runs).items()})
+    return cached_compare(measurement_cache_dir(), "contract", {n: m.proto for n, m, _ in fits}, runs)
 
 
 def _fastest(fits: list, latency_ms: dict[str, float], margin: float = 0.05):

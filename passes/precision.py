@@ -86,8 +86,7 @@ from hqpc.registry import register_pass
 from hqpc.runtime import latency as lat
 from hqpc.runtime import ort as ort_rt
 from hqpc.runtime import quant as Q
-from hqpc.runtime.measure_cache import (MEASURE_CACHE_ENV, cached_measurement,  # noqa: F401
-                                          machine_signature, measurement_cache_dir)
+from hqpc.runtime.measure_cache import cached_measurement, measurement_cache_dir
 
 OP_CLASS = {"Conv": "conv", "ConvTranspose": "conv", "Gemm": "gemm", "MatMul": "matmul"}
 BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}

@@ -87,7 +87,7 @@ from hqpc.passes.reconstruct import ORIGINALS, _consumer, _inputs, _positions, c
 from hqpc.registry import register_pass
 from hqpc.runtime import latency as lat
 from hqpc.runtime import ort as ort_rt
-from hqpc.runtime.measure_cache import cached_measurement, measurement_cache_dir
+from hqpc.runtime.measure_cache import cached_compare, cached_measurement, measurement_cache_dir
 from hqpc.runtime.metrics import labels_carry_signal
 
 RECONSTRUCTED = "prune-reconstructed"  # ctx.analyses key: (RECONSTRUCTED, proto digest, settings)
@@ -1002,9 +1002,7 @@ class Prune(Pass):
 
     def _timing(self, models: dict[str, onnx.ModelProto], runs: int) -> dict[str, float]:
         """Median end-to-end latency in ms per model (1 thread, batch 1), measured side by side."""
-        names = sorted(models)
-        return self._measured(f"prune-compare-{'-'.join(names)}", [models[n] for n in names], {"runs": runs},
-                              lambda: {n: t["median_ms"] for n, t in lat.compare(models, runs=runs).items()})
+        return cached_compare(measurement_cache_dir(self.config["measure_cache"]), "prune-compare", models, runs)
 
     def _clock_mark(self, step: int, elapsed: float, m0, search_x) -> float:
         """Seconds into the pass at which ``step`` ended, as timed on the first compile of this input

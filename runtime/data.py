@@ -221,8 +221,7 @@ class DataSpec:
         a late batch reaches it. Pixels that fail to decode still fail later, naming the file."""
         if self.items is None:
             return
-        order = np.random.default_rng(self.seed).permutation(self.num_items)
-        for index in sorted(order[: self.calib + self.eval]):
+        for index in sorted(np.concatenate([self.split(name).indices for name in _SPLITS])):
             file = self.items[index]
             try:
                 with Image.open(file):

@@ -94,3 +94,13 @@ def cached_measurement(folder: Path | None, kind: str, protos: list, feeds: dict
         # the stored form (JSON: tuples become lists) is what a reused run sees; return the same
         return json.loads(json.dumps(value))
     return value
+
+
+def cached_compare(folder: Path | None, kind: str, models: dict, runs: int) -> dict[str, float]:
+    """Median end-to-end latency in ms of each model (ONNX Runtime CPU, 1 thread, batch 1,
+    interleaved runs), measured side by side once per machine and reused (:func:`cached_measurement`)."""
+    from hqpc.runtime import latency as lat
+
+    names = sorted(models)
+    return cached_measurement(folder, f"{kind}-{'-'.join(names)}", [models[n] for n in names], {}, {"runs": runs},
+                              lambda: {n: t["median_ms"] for n, t in lat.compare(models, runs=runs).items()})

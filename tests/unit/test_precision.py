@@ -110,7 +110,7 @@ def test_allowed_precisions_follow_the_target():
 @pytest.fixture(autouse=True)
 def _private_measurement_cache(tmp_path, monkeypatch):
     """Every test gets its own measurement cache (never the user's ~/.cache)."""
-    from hqpc.passes.precision import MEASURE_CACHE_ENV
+    from hqpc.runtime.measure_cache import MEASURE_CACHE_ENV
 
     monkeypatch.setenv(MEASURE_CACHE_ENV, str(tmp_path / "measurements"))
 
@@ -158,7 +158,7 @@ def test_fisher_annotation_is_used_when_present(monkeypatch):
 
 
 def test_cached_measurement_is_taken_once_per_key(tmp_path):
-    from hqpc.passes.precision import cached_measurement
+    from hqpc.runtime.measure_cache import cached_measurement
 
     proto = build_model_from_text(MODEL, seed_base="prec")
     feeds = {"x": np.zeros((1, 4), np.float32)}
