@@ -224,13 +224,23 @@ def _model_key(model) -> tuple:
     return ("proto", hashlib.sha1(m.SerializeToString()).hexdigest())
 
 
-def _pinned_shapes(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> dict:
-    """Pin every non-batch input dim to the given array's size (batch stays symbolic)."""
+def _declared_as_fed(vi: onnx.ValueInfoProto, array: np.ndarray) -> bool:
+    """True when the graph input declares a fully static shape equal to the fed array's (a
+    parameter fed as an input, e.g. a weight being trained): nothing of it is a batch axis."""
+    dims = vi.type.tensor_type.shape.dim
+    return (vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims)
+            and tuple(d.dim_value for d in dims) == tuple(np.shape(array)))
+
+
+def _pinned_shapes(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], whole: bool = False) -> dict:
+    """Pin every non-batch input dim to the given array's size (batch stays symbolic). With
+    ``whole`` (the batch runs in one piece), an input declared with exactly the fed array's static
+    shape keeps it whole (:func:`_declared_as_fed`): parameters fed as inputs keep static shapes."""
     out = {}
     for vi in model.graph.input:
         if vi.name in inputs:
             shp = list(np.shape(inputs[vi.name]))
-            if shp:
+            if shp and not (whole and _declared_as_fed(vi, inputs[vi.name])):
                 dims = vi.type.tensor_type.shape.dim
                 d0 = dims[0].dim_param if len(dims) and dims[0].HasField("dim_param") else "N"
                 shp[0] = d0 or "N"
@@ -238,16 +248,17 @@ def _pinned_shapes(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> 
     return out
 
 
-def _get_session(model, wrt, loss, inputs):
-    shapes_key = tuple(sorted((k, tuple(np.shape(v))[1:]) for k, v in inputs.items()))
+def _get_session(model, wrt, loss, inputs, whole: bool = False):
+    m = _load(model)
+    pinned = _pinned_shapes(m, inputs, whole)  # the key holds what the graph is built for: batch axes as symbols
+    shapes_key = tuple(sorted((k, tuple(pinned.get(k, np.shape(v)[1:]))) for k, v in inputs.items()))
     key = (_model_key(model), tuple(wrt), loss, shapes_key)
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
         if hit is not None:
             _CACHE.move_to_end(key)
             return hit
-    m = _load(model)
-    gm = build_gradient_model(m, wrt, loss=loss, dtype=np.float32, input_shapes=_pinned_shapes(m, inputs))
+    gm = build_gradient_model(m, wrt, loss=loss, dtype=np.float32, input_shapes=pinned)
     sess = gm.session(mem_arena=False)  # cached sessions should not pin peak memory
     with _CACHE_LOCK:
         _CACHE[key] = (gm, sess)
@@ -269,7 +280,9 @@ def gradients(
     """Gradients of the batch-mean loss w.r.t. ``wrt``, computed in float32.
 
     ``model``: path or ModelProto.  ``inputs``: feeds for the model's graph
-    inputs (batched on axis 0).  ``wrt``: names of initializers, graph inputs
+    inputs (batched on axis 0; without ``batch_size`` chunking, an input declared
+    with exactly the fed array's static shape, such as a weight fed as an input
+    to be trained, keeps that shape).  ``wrt``: names of initializers, graph inputs
     and/or intermediate tensors.  ``labels``: int class indices ``[N]``
     (required for and only used by ``loss="cross_entropy"``).  ``loss``: one
     of ``"cross_entropy"``, ``"true_fisher"`` (labels sampled from
@@ -288,10 +301,11 @@ def gradients(
     if loss != "cross_entropy" and labels is not None:
         raise ValueError(f"labels are only used with loss='cross_entropy', not {loss!r}")
     wrt = list(dict.fromkeys(wrt))
-    gm, sess = _get_session(model, wrt, loss, inputs)
     n = _batch_size(inputs) or 1
+    whole = not batch_size or batch_size >= n
+    gm, sess = _get_session(model, wrt, loss, inputs, whole)
     rng = np.random.default_rng(seed)
-    if not batch_size or batch_size >= n:
+    if whole:
         return gm.run(sess, inputs, labels, rng).grads
     batched = _input_dependent(_load(model), wrt)
     parts: dict[str, list[np.ndarray]] = {w: [] for w in wrt}

@@ -357,6 +357,29 @@ def test_unreached_wrt_gets_zeros_and_activation_gradients():
     assert set(ag) == {"h"} and ag["h"].shape == (6, 5)
 
 
+def test_weights_fed_as_inputs_match_initializers():
+    """A conv weight fed as a graph input (declared with its static shape, as for training) gets
+    the same gradient as the same weight held as an initializer; the conv rule needs its shape
+    static, so the declared shape is kept rather than made batch-symbolic."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    x = rng.standard_normal((5, 3, 6, 6)).astype(np.float32)
+    nodes = [node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), node("GlobalAveragePool", ["c"], ["p"]),
+             node("Flatten", ["p"], ["logits"])]
+    as_init = T.make_model(nodes, {"x": x}, {"w": w}, ["logits"])
+    as_input = T.make_model(nodes, {"x": x, "w": w}, {}, ["logits"])
+    assert [d.dim_value for d in as_input.graph.input[1].type.tensor_type.shape.dim] == [4, 3, 3, 3]
+    labels = np.array([0, 1, 2, 3, 0])
+    expected = gradients(as_init, {"x": x}, ["w", "x"], labels=labels)
+    got = gradients(as_input, {"x": x, "w": w}, ["w", "x"], labels=labels)
+    for k in expected:
+        np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-7)
+    w2 = w * 0.5  # a second step with new weight values reuses the cached graph
+    np.testing.assert_allclose(gradients(as_input, {"x": x, "w": w2}, ["w"], labels=labels)["w"],
+                               gradients(T.make_model(nodes, {"x": x}, {"w": w2}, ["logits"]), {"x": x}, ["w"],
+                                         labels=labels)["w"], rtol=1e-5, atol=1e-7)
+
+
 def test_batch_chunks_combine_params_and_activations():
     model, x, _ = _mlp(n=7)
     labels = np.array([0, 1, 2, 3, 4, 0, 1])
