@@ -62,6 +62,12 @@ calibration split for scores and reconstruction; the first ``search_images`` of 
 split for the search; the rest of the evaluation split ("held-out", used by nothing else)
 for the final accuracy, recorded with and without reconstruction.
 
+``heldout_curve=true`` (diagnostics, off by default) also records in every *accepted* step's
+history entry its model's accuracy on the held-out images (``heldout_top1`` or
+``heldout_agreement``): the accuracy/latency frontier of the search as seen by images it never
+used. The search's decisions never read it (they are identical with and without the option);
+it costs one held-out evaluation per accepted step.
+
 The pass outputs the pruned model *without* reconstruction (its reference: the masked model,
 1e-5), plans and all; the ``reconstruct`` pass that follows in -O3 refits the consumers
 (reusing the search's result for the final plan).
@@ -608,7 +614,7 @@ class Prune(Pass):
                "min_keep": 0.125, "chunk": 0.125, "reconstruct": "auto", "rescore_every": 3, "time_limit": 90.0,
                "latency_runs": 30, "patience": 6, "scores": "auto", "measure_cache": "auto",
                "flip_ratio": 0.5, "estimate": "flips",
-               "moves": "blocks", "raw_confidence": "auto"}
+               "moves": "blocks", "raw_confidence": "auto", "heldout_curve": False}
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -732,6 +738,8 @@ class Prune(Pass):
         history = [{"step": 0, "accepted": True, "channels_removed": 0, "groups_pruned": 0,
                     "latency_est_us": round(base_est, 1), "latency_ms": round(base_meas, 4), "speedup": 1.0,
                     metric: round(base_acc, 3), "drop": 0.0, "sigma": 0.0}]
+        if cfg["heldout_curve"] and eval_len > n_search:
+            history[0][f"heldout_{metric}"] = round(self._heldout(ctx, m0, m0, n_search, metric), 3)
         plan: dict[int, tuple[int, ...]] = {}
         best = {"plan": {}, "pruned": m0, "model": m0, "acc": base_acc}
         self._search = {"fisher": fisher, "prober": prober, "costs": {}, "banned": set(), "saliency": {}}
@@ -804,6 +812,8 @@ class Prune(Pass):
                 changed = {g for g, _, _, _ in moves}
                 plan = candidate
                 best = {"plan": candidate, "pruned": pruned, "model": recon, "acc": acc}
+                if cfg["heldout_curve"] and eval_len > n_search:
+                    entry[f"heldout_{metric}"] = round(self._heldout(ctx, recon, m0, n_search, metric), 3)
                 accepted_steps += 1
                 cost.rebase(node_latency(recon), plan)
                 rescore_all = accepted_steps % max(1, int(cfg["rescore_every"])) == 0
@@ -1010,6 +1020,16 @@ class Prune(Pass):
         at the same step every time."""
         settings = {k: v for k, v in sorted(self.config.items()) if isinstance(v, (int, float, str, bool))}
         return float(self._measured(f"prune-clock-{step}", [m0], settings, lambda: elapsed, feeds={"search": search_x}))
+
+    @staticmethod
+    def _heldout(ctx, proto: onnx.ModelProto, m0: onnx.ModelProto, n_search: int, metric: str) -> float:
+        """Accuracy of ``proto`` on the held-out images (evaluation split after the search's):
+        top-1 with the labels, or agreement with the input model ``m0``."""
+        x, y = split_arrays(ctx, "eval")
+        hx = x[n_search:]
+        hy = y[n_search:] if metric == "top1" and y is not None else None
+        reference = None if hy is not None else predictions(m0, hx)
+        return accuracy(predictions(proto, hx), hy, reference)
 
     def _final(self, ctx, m0, best, groups, n_search, labeled, use_recon) -> dict:
         x, y = split_arrays(ctx, "eval")

@@ -54,6 +54,27 @@ def test_search_on_digits_stays_within_budget():
         assert "top1_with" in result.model.annotations["reconstruct"]
 
 
+def test_heldout_curve_records_without_changing_decisions():
+    """heldout_curve=true adds the held-out top-1 of every accepted step (the frontier bench reads
+    it) and nothing else: the same steps are proposed and accepted."""
+    runs = []
+    for extra in ("", ",heldout_curve=true"):
+        result = compile_model(CompileOptions(model=str(DIGITS), data=DIGITS_DATA, max_drop=2.0, extra=NO_CONTRACT,
+                                              pipeline=SENS + FAST.replace("}", extra + "}")))
+        runs.append(result.model.annotations["prune"])
+    plain, curve = runs
+    assert [(e["accepted"], e.get("moves")) for e in plain["history"]] == \
+        [(e["accepted"], e.get("moves")) for e in curve["history"]]
+    assert not any("heldout_top1" in e for e in plain["history"])
+    accepted = [e for e in curve["history"] if e["accepted"]]
+    assert accepted and all(0.0 <= e["heldout_top1"] <= 100.0 for e in accepted)
+    assert not any("heldout_top1" in e for e in curve["history"] if not e["accepted"])
+    if curve.get("plan"):  # the last accepted step is the final model: same held-out figure as the report's
+        assert accepted[-1]["heldout_top1"] == pytest.approx(curve["final"]["heldout_top1_reconstructed"], abs=1e-3)
+    assert curve["history"][0]["heldout_top1"] == pytest.approx(
+        curve["final"].get("heldout_top1_original", curve["history"][0]["heldout_top1"]), abs=1e-3)
+
+
 def test_labels_carry_signal():
     from hqpc.runtime.metrics import labels_carry_signal
 
