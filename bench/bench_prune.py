@@ -16,7 +16,10 @@ For every model it
 4. rebuilds the same plan *without* reconstruction (the compile pipeline up to ``prune``, then
    ``prune-channels`` with the reported plan) and evaluates it on the same images, so the
    reconstruction gain is measured at the same plan; with ``--fixed-fraction F`` also on a
-   magnitude plan removing F of every prunable group (independent of any evaluation image).
+   magnitude plan removing F of every prunable group (independent of any evaluation image);
+5. with ``--prune-options 'heldout_curve=true,...'`` (and a large ``--max-drop``) lists every
+   accepted step's speed-up, search drop and held-out drop: the accuracy/latency frontier of
+   the training-free search (``frontier`` in the JSON).
 
 Usage::
 
@@ -145,14 +148,17 @@ def cleaned(name: str) -> onnx.ModelProto:
                                         extra={"contract": False})).model.proto
 
 
-def fixed_plan(name: str, fraction: float) -> tuple[onnx.ModelProto, onnx.ModelProto, str]:
+def fixed_plan(name: str, fraction: float, plan_file: Path | None = None
+               ) -> tuple[onnx.ModelProto, onnx.ModelProto, str]:
     """A plan that depends on no evaluation image: ``fraction`` of every prunable group's
     channels removed by weight magnitude (``prune-channels{fraction=F}`` after the -O1 clean-up),
-    without and with ``reconstruct`` (fitted on the calibration split)."""
+    or the plan in ``plan_file`` (group ids of the -O1 model), without and with ``reconstruct``
+    (fitted on the calibration split)."""
     from hqpc.compiler import CompileOptions, compile_model
     from hqpc.registry import level_pipeline
 
-    base = ",".join(level_pipeline(1)) + f",prune-channels{{fraction={fraction}}}"
+    option = f"plan={plan_file}" if plan_file else f"fraction={fraction}"
+    base = ",".join(level_pipeline(1)) + f",prune-channels{{{option}}}"
     models = []
     for pipeline in (base, base + ",reconstruct"):
         result = compile_model(CompileOptions(model=str(SHARED / f"{name}.onnx"), pipeline=pipeline, target="cpu",
@@ -160,6 +166,22 @@ def fixed_plan(name: str, fraction: float) -> tuple[onnx.ModelProto, onnx.ModelP
         assert not any(r.rolled_back for r in result.records), [r.name for r in result.records if r.rolled_back]
         models.append(result.model.proto)
     return models[0], models[1], base + "[,reconstruct]"
+
+
+def frontier(info: dict) -> list[dict]:
+    """The accepted steps of a search run with ``prune{heldout_curve=true}``: speed-up (the
+    search's own side-by-side timing of the step's model against the input), search drop and
+    held-out drop (top-1 points on images the search never used). Empty without the option."""
+    history = info.get("history") or []
+    metric = info.get("metric", "top1")
+    key = f"heldout_{metric}"
+    steps = [e for e in history if e.get("accepted") and key in e]
+    if not steps:
+        return []
+    base_search, base_heldout = steps[0][metric], steps[0][key]
+    return [{"step": e["step"], "channels_removed": e["channels_removed"], "speedup": e["speedup"],
+             "search_drop": round(base_search - e[metric], 3), "drop_est": e.get("drop_est", 0.0),
+             "heldout_drop": round(base_heldout - e[key], 3)} for e in steps]
 
 
 def bench(name: str, out: Path, reuse: bool, runs: int, rounds: int, max_drop: float,
@@ -235,6 +257,9 @@ def bench(name: str, out: Path, reuse: bool, runs: int, rounds: int, max_drop: f
         no_recon = top1(plain, hx, hy)
         result.update({"top1_pruned_without_reconstruction": round(no_recon, 2),
                        "reconstruction_gain": round(mine - no_recon, 2)})
+    curve = frontier(info)
+    if curve:
+        result["frontier"] = curve
     if fixed_fraction > 0:
         plain, refit, pipeline = fixed_plan(name, fixed_fraction)
         a, b = top1(plain, hx, hy), top1(refit, hx, hy)
@@ -276,6 +301,13 @@ def main(argv=None) -> int:
                                            r["top1_original"], r["top1_pruned"], r["drop"],
                                            r.get("top1_pruned_without_reconstruction", "-"),
                                            r.get("reconstruction_gain", "-"), r["heldout_images"])))
+    for r in rows:
+        if r.get("frontier"):
+            print(f"\n{r['model']}: accepted steps (speed-up from the search's timing; drops in top-1 points)")
+            print("step | channels removed | speed-up | search drop | estimate | held-out drop")
+            for e in r["frontier"]:
+                print(" | ".join(str(e[k]) for k in ("step", "channels_removed", "speedup", "search_drop",
+                                                      "drop_est", "heldout_drop")))
     return 0
 
 
