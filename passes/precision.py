@@ -483,8 +483,6 @@ def single_unit_placement(model, index, node, precision: str, calib, backend) ->
     return placement
 
 
-
-
 # --------------------------------------------------------------------------- latency
 def profile_times(protos: list[onnx.ModelProto], feeds: dict, runs: int | None = None):
     """Per-node kernel times (ms) of several models, profiled *interleaved* (run i of every

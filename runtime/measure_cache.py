@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 MEASURE_CACHE_ENV = "HQPC_MEASURE_CACHE"
 
 
