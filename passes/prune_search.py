@@ -119,7 +119,7 @@ def predictions(proto: onnx.ModelProto, x: np.ndarray, batch: int = 64) -> np.nd
     return logits.reshape(len(x), -1).argmax(axis=1)
 
 
-def accuracy(pred: np.ndarray, labels: np.ndarray | None, reference: np.ndarray) -> float:
+def accuracy(pred: np.ndarray, labels: np.ndarray | None, reference: np.ndarray | None) -> float:
     """Top-1 in percent against labels, or agreement with ``reference`` predictions."""
     truth = reference if labels is None else labels
     return 100.0 * float(np.mean(pred == truth))
@@ -235,6 +235,16 @@ class DropEstimate:
         return out
 
 
+def heldout_truth(ctx, m0: onnx.ModelProto | None, n_search: int, labeled: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out images of a prune run (the evaluation split after its ``n_search`` search
+    images) and what a prediction must match there: the labels, or without them the input
+    model ``m0``'s predictions (top-1 agreement; ``m0`` is only read then). Score with
+    ``accuracy(pred, truth, None)``."""
+    x, y = split_arrays(ctx, "eval")
+    hx = x[n_search:]
+    return hx, (y[n_search:] if labeled and y is not None else predictions(m0, hx))
+
+
 def heldout_top1(ctx, info: dict, protos: list[onnx.ModelProto]) -> tuple[float, ...]:
     """Accuracy of ``protos`` on the held-out evaluation images of a prune run (the evaluation
     split after its search images), and the metric's name. Without labels: agreement with the
@@ -242,15 +252,12 @@ def heldout_top1(ctx, info: dict, protos: list[onnx.ModelProto]) -> tuple[float,
     n_search = int((info.get("images") or {}).get("search", 0))
     x, y = split_arrays(ctx, "eval")
     labeled = y is not None and info.get("metric", "top1") == "top1"  # the search may have set labels aside
-    x, y = x[n_search:], (y[n_search:] if labeled else None)
-    if len(x) == 0:
+    if len(x) <= n_search:
         raise ValueError("no held-out evaluation images")
-    reference = None
-    if y is None:
-        original = ctx.analyses[(ORIGINALS, info["source_digest"])]
-        reference = predictions(original.proto, x)
-    values = [accuracy(predictions(p, x), y, reference) for p in protos]
-    return (*values, "top1" if y is not None else "agreement")
+    original = None if labeled else ctx.analyses[(ORIGINALS, info["source_digest"])].proto
+    hx, truth = heldout_truth(ctx, original, n_search, labeled)
+    values = [accuracy(predictions(p, hx), truth, None) for p in protos]
+    return (*values, "top1" if labeled else "agreement")
 
 
 # --------------------------------------------------------------------------- cost model
@@ -738,8 +745,10 @@ class Prune(Pass):
         history = [{"step": 0, "accepted": True, "channels_removed": 0, "groups_pruned": 0,
                     "latency_est_us": round(base_est, 1), "latency_ms": round(base_meas, 4), "speedup": 1.0,
                     metric: round(base_acc, 3), "drop": 0.0, "sigma": 0.0}]
-        if cfg["heldout_curve"] and eval_len > n_search:
-            history[0][f"heldout_{metric}"] = round(self._heldout(ctx, m0, m0, n_search, metric), 3)
+        curve = heldout_truth(ctx, m0, n_search, metric == "top1") if cfg["heldout_curve"] and eval_len > n_search \
+            else None
+        if curve is not None:
+            history[0][f"heldout_{metric}"] = round(accuracy(predictions(m0, curve[0]), curve[1], None), 3)
         plan: dict[int, tuple[int, ...]] = {}
         best = {"plan": {}, "pruned": m0, "model": m0, "acc": base_acc}
         self._search = {"fisher": fisher, "prober": prober, "costs": {}, "banned": set(), "saliency": {}}
@@ -812,8 +821,8 @@ class Prune(Pass):
                 changed = {g for g, _, _, _ in moves}
                 plan = candidate
                 best = {"plan": candidate, "pruned": pruned, "model": recon, "acc": acc}
-                if cfg["heldout_curve"] and eval_len > n_search:
-                    entry[f"heldout_{metric}"] = round(self._heldout(ctx, recon, m0, n_search, metric), 3)
+                if curve is not None:
+                    entry[f"heldout_{metric}"] = round(accuracy(predictions(recon, curve[0]), curve[1], None), 3)
                 accepted_steps += 1
                 cost.rebase(node_latency(recon), plan)
                 rescore_all = accepted_steps % max(1, int(cfg["rescore_every"])) == 0
@@ -1021,29 +1030,16 @@ class Prune(Pass):
         settings = {k: v for k, v in sorted(self.config.items()) if isinstance(v, (int, float, str, bool))}
         return float(self._measured(f"prune-clock-{step}", [m0], settings, lambda: elapsed, feeds={"search": search_x}))
 
-    @staticmethod
-    def _heldout(ctx, proto: onnx.ModelProto, m0: onnx.ModelProto, n_search: int, metric: str) -> float:
-        """Accuracy of ``proto`` on the held-out images (evaluation split after the search's):
-        top-1 with the labels, or agreement with the input model ``m0``."""
-        x, y = split_arrays(ctx, "eval")
-        hx = x[n_search:]
-        hy = y[n_search:] if metric == "top1" and y is not None else None
-        reference = None if hy is not None else predictions(m0, hx)
-        return accuracy(predictions(proto, hx), hy, reference)
-
     def _final(self, ctx, m0, best, groups, n_search, labeled, use_recon) -> dict:
-        x, y = split_arrays(ctx, "eval")
-        hx, hy = x[n_search:], (None if y is None or not labeled else y[n_search:])
         out: dict[str, Any] = {"kept_channels": int(sum(len(k) for k in best["plan"].values())),
                                "search_" + ("top1" if labeled else "agreement"): round(best["acc"], 3)}
-        if len(hx):
-            base_pred = predictions(m0, hx)
+        if ctx.data.eval > n_search:
+            hx, truth = heldout_truth(ctx, m0, n_search, labeled)
             metric = "top1" if labeled else "agreement"
-            ref = base_pred
-            out[f"heldout_{metric}_original"] = round(accuracy(base_pred, hy, ref), 3)
-            out[f"heldout_{metric}_pruned"] = round(accuracy(predictions(best["pruned"], hx), hy, ref), 3)
+            out[f"heldout_{metric}_original"] = round(accuracy(predictions(m0, hx), truth, None), 3)
+            out[f"heldout_{metric}_pruned"] = round(accuracy(predictions(best["pruned"], hx), truth, None), 3)
             if use_recon:
-                out[f"heldout_{metric}_reconstructed"] = round(accuracy(predictions(best["model"], hx), hy, ref), 3)
+                out[f"heldout_{metric}_reconstructed"] = round(accuracy(predictions(best["model"], hx), truth, None), 3)
             out["heldout_images"] = int(len(hx))
         timing = self._timing({"original": m0, "pruned": best["model"]}, int(self.config["latency_runs"]) * 2)
         out["latency_original_ms"] = round(timing["original"], 4)
