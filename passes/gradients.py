@@ -248,8 +248,8 @@ def _pinned_shapes(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], who
     return out
 
 
-def _get_session(model, wrt, loss, inputs, whole: bool = False):
-    m = _load(model)
+def _get_session(model, m: onnx.ModelProto, wrt, loss, inputs, whole: bool = False):
+    """The cached gradient model and session for ``m`` (loaded from ``model``, which keys it)."""
     pinned = _pinned_shapes(m, inputs, whole)  # the key holds what the graph is built for: batch axes as symbols
     shapes_key = tuple(sorted((k, tuple(pinned.get(k, np.shape(v)[1:]))) for k, v in inputs.items()))
     key = (_model_key(model), tuple(wrt), loss, shapes_key)
@@ -303,11 +303,12 @@ def gradients(
     wrt = list(dict.fromkeys(wrt))
     n = _batch_size(inputs) or 1
     whole = not batch_size or batch_size >= n
-    gm, sess = _get_session(model, wrt, loss, inputs, whole)
+    m = _load(model)
+    gm, sess = _get_session(model, m, wrt, loss, inputs, whole)
     rng = np.random.default_rng(seed)
     if whole:
         return gm.run(sess, inputs, labels, rng).grads
-    batched = _input_dependent(_load(model), wrt)
+    batched = _input_dependent(m, wrt)
     parts: dict[str, list[np.ndarray]] = {w: [] for w in wrt}
     for s in range(0, n, batch_size):
         e = min(n, s + batch_size)
