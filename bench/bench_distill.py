@@ -46,15 +46,13 @@ def inner_plan_file(name: str, fraction: float, path: Path) -> Path:
     """Write the magnitude plan removing ``fraction`` of the channels of every prunable group with
     a single producer (the inner width of a residual block; residual streams, fed by several
     convolutions, keep theirs) of the -O1 model to ``path`` (JSON)."""
-    from types import SimpleNamespace
-
     from hqpc.passes.channel_groups import analyze
     from hqpc.passes.prune_channels import magnitude_plan, plan_to_json
     from hqpc.target import load_target
 
     clean = bench_prune.cleaned(name)
     groups = analyze(clean)
-    inner = SimpleNamespace(prunable=[g for g in groups.prunable if len(g.producers) == 1])
+    inner = [g for g in groups.prunable if len(g.producers) == 1]
     plan = magnitude_plan(clean, inner, fraction, load_target("cpu").channel_multiple)
     path.write_text(json.dumps(plan_to_json(plan)))
     return path

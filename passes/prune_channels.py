@@ -32,7 +32,7 @@ import os
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import onnx
@@ -43,7 +43,7 @@ from hqpc.graphutil import GraphIndex, NameGenerator, attributes, set_attribute
 from hqpc.ir import infer_shapes
 from hqpc.passmanager import Pass, PassInfo
 from hqpc.passes._rewrite import constant, outer_reads, write_constant_input
-from hqpc.passes.channel_groups import ChannelGroups, _Builder, channel_groups, pad_spec, slice_spec
+from hqpc.passes.channel_groups import ChannelGroups, Group, _Builder, channel_groups, pad_spec, slice_spec
 from hqpc.registry import register_pass
 from hqpc.runtime.compare import Tolerance
 
@@ -336,13 +336,13 @@ def masked_model(proto: onnx.ModelProto, groups: ChannelGroups, plan: Plan) -> o
     return out
 
 
-def magnitude_plan(proto: onnx.ModelProto, groups: ChannelGroups, fraction: float, multiple: int) -> Plan:
+def magnitude_plan(proto: onnx.ModelProto, groups: Iterable[Group], fraction: float, multiple: int) -> Plan:
     """Keep the channels with the largest L2 norm of their producers' output weights (summed
     over producers; consumers' input slices when a group has no producer), ``fraction`` removed
-    from every prunable group, kept counts rounded up to ``multiple``."""
+    from every group of ``groups`` (prunable ones), kept counts rounded up to ``multiple``."""
     values = _constant_values(proto.graph)
     plan: Plan = {}
-    for group in groups.prunable:
+    for group in groups:
         keep = round_keep(group.channels * (1.0 - fraction), group.channels, multiple)
         if keep >= group.channels:
             continue
@@ -387,7 +387,7 @@ class PruneChannels(Pass):
             if odd:
                 ctx.log(f"prune-channels: groups {odd} keep counts that are not multiples of {multiple}")
         elif self.config["fraction"] > 0:
-            plan = magnitude_plan(model.proto, groups, float(self.config["fraction"]), multiple)
+            plan = magnitude_plan(model.proto, groups.prunable, float(self.config["fraction"]), multiple)
         else:
             plan = {}
         self._plan = plan

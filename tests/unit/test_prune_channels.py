@@ -118,7 +118,7 @@ def test_round_keep_honours_the_multiple():
 def test_magnitude_plan_keeps_multiples():
     proto = Model.load(build("inverted", np.random.default_rng(3))).proto
     groups = analyze(proto)
-    plan = magnitude_plan(proto, groups, 0.5, 4)
+    plan = magnitude_plan(proto, groups.prunable, 0.5, 4)
     for gid, kept in plan.items():
         assert len(kept) % 4 == 0 or len(kept) == groups.group(gid).channels
     check_plan(proto, plan)
